@@ -1,0 +1,108 @@
+"""The device store: what the gateway keeps about devices and their logs.
+
+Two implementations (SQLite for one node, Redis for production and clusters) provide
+``IDeviceStore``; ``tests/test_store_contract.py`` holds every one of them to the same behaviour.
+
+Every method returns a ``Deferred``. A store that cannot reach its backend fails that Deferred
+with ``StoreUnavailable`` (never with a driver's own exception), so callers map it to HTTP 503 /
+the ``store_unavailable`` error frame in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from typing import Any
+
+import attrs
+from zope.interface import Attribute, Interface
+
+
+class StoreUnavailable(Exception):
+    """The store's backend did not answer (down, timed out, locked)."""
+
+
+@attrs.frozen
+class Device:
+    """A registered device as the store holds it.
+
+    ``last_seen`` is epoch seconds (float) of the last frame the gateway recorded, or ``None``
+    if the device never connected. The store is not written per heartbeat: the gateway
+    records ``last_seen`` when a session ends and in batches once per sweep.
+    """
+
+    device_id: str
+    location: str
+    token_hash: str
+    created: float
+    last_seen: float | None = None
+
+
+@attrs.frozen
+class LogEntry:
+    """One ``log`` frame as stored: server time in epoch milliseconds and the device's payload."""
+
+    ts: int
+    payload: Any
+
+
+def new_device_id() -> str:
+    return "dev_" + secrets.token_hex(8)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """Hash a device token for storage.
+
+    Tokens are 256 random bits, so a plain SHA-256 is as strong as a slow KDF here and keeps a
+    reconnect storm cheap: one hash per handshake.
+    """
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def token_matches(token: str, token_hash: str) -> bool:
+    """Compare a presented token with a stored hash in constant time."""
+    return hmac.compare_digest(hash_token(token), token_hash)
+
+
+class IDeviceStore(Interface):
+    """Persistent devices and logs. All methods return Deferreds; see the module docstring."""
+
+    name = Attribute("Short name of the implementation for logs and metrics ('sqlite', 'redis').")
+
+    def start():
+        """Connect and create whatever schema is missing. Fires when the store is usable."""
+
+    def stop():
+        """Release connections and threads. Fires when done."""
+
+    def ping():
+        """Fire with ``None`` when the backend answers; fail with ``StoreUnavailable`` if not."""
+
+    def add_device(device):
+        """Persist a new ``Device``. Fires with ``None``."""
+
+    def get_device(device_id):
+        """Fire with the ``Device`` or ``None`` if unknown (revoked devices are unknown)."""
+
+    def list_devices():
+        """Fire with every ``Device``, ordered by ``created`` then ``device_id``."""
+
+    def delete_device(device_id):
+        """Remove the device and its credentials (its logs may stay). Fire with ``True`` if it existed."""
+
+    def set_token_hash(device_id, token_hash):
+        """Replace the device's token hash. Fire with ``True``, or ``False`` if unknown."""
+
+    def record_last_seen(seen):
+        """``seen`` maps device_id to epoch seconds; unknown ids are ignored. Fires with ``None``."""
+
+    def append_log(device_id, entry):
+        """Persist a ``LogEntry``; fire only once it is durable in the store."""
+
+    def get_logs(device_id, limit, before=None):
+        """Fire with up to ``limit`` ``LogEntry``, newest first, with ``ts < before`` if given."""

@@ -1,0 +1,177 @@
+"""The embedded device store: one SQLite file through ``twisted.enterprise.adbapi``.
+
+One connection on adbapi's thread pool serialises writes (SQLite has one writer anyway) and
+keeps every ``sqlite3`` call off the reactor thread. WAL mode lets the file be copied for
+backups while the gateway runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from elevgw.store import Device, IDeviceStore, LogEntry, StoreUnavailable
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS devices (
+        device_id TEXT PRIMARY KEY,
+        location TEXT NOT NULL,
+        token_hash TEXT NOT NULL,
+        created REAL NOT NULL,
+        last_seen REAL
+    )""",
+    """CREATE TABLE IF NOT EXISTS logs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        payload TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS logs_by_device ON logs (device_id, ts DESC, id DESC)",
+]
+
+_DEVICE_COLUMNS = "device_id, location, token_hash, created, last_seen"
+
+
+def _open_connection(connection) -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA busy_timeout=5000")
+
+
+def _create_schema(transaction) -> None:
+    for statement in SCHEMA:
+        transaction.execute(statement)
+
+
+def _unavailable(failure):
+    if failure.check(sqlite3.Error):
+        raise StoreUnavailable("sqlite: {}".format(failure.value))
+    return failure
+
+
+def _device(row) -> Device:
+    return Device(
+        device_id=row[0], location=row[1], token_hash=row[2], created=row[3], last_seen=row[4]
+    )
+
+
+@implementer(IDeviceStore)
+class SQLiteStore:
+    name = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._pool: adbapi.ConnectionPool | None = None
+
+    def start(self) -> Deferred:
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            self._path,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_open_connection,
+        )
+        return self._interaction(_create_schema)
+
+    def stop(self) -> Deferred:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+        return succeed(None)
+
+    def _query(self, sql: str, *args) -> Deferred:
+        if self._pool is None:
+            return fail(StoreUnavailable("sqlite store is not started"))
+        return self._pool.runQuery(sql, args).addErrback(_unavailable)
+
+    def _interaction(self, function, *args) -> Deferred:
+        if self._pool is None:
+            return fail(StoreUnavailable("sqlite store is not started"))
+        return self._pool.runInteraction(function, *args).addErrback(_unavailable)
+
+    def ping(self) -> Deferred:
+        return self._query("SELECT 1").addCallback(lambda _: None)
+
+    def add_device(self, device: Device) -> Deferred:
+        return self._interaction(
+            lambda txn: txn.execute(
+                "INSERT INTO devices (" + _DEVICE_COLUMNS + ") VALUES (?, ?, ?, ?, ?)",
+                (
+                    device.device_id,
+                    device.location,
+                    device.token_hash,
+                    device.created,
+                    device.last_seen,
+                ),
+            )
+        ).addCallback(lambda _: None)
+
+    def get_device(self, device_id: str) -> Deferred:
+        d = self._query(
+            "SELECT " + _DEVICE_COLUMNS + " FROM devices WHERE device_id = ?", device_id
+        )
+        return d.addCallback(lambda rows: _device(rows[0]) if rows else None)
+
+    def list_devices(self) -> Deferred:
+        d = self._query("SELECT " + _DEVICE_COLUMNS + " FROM devices ORDER BY created, device_id")
+        return d.addCallback(lambda rows: [_device(row) for row in rows])
+
+    def delete_device(self, device_id: str) -> Deferred:
+        def delete(txn) -> bool:
+            txn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            return txn.rowcount > 0
+
+        return self._interaction(delete)
+
+    def set_token_hash(self, device_id: str, token_hash: str) -> Deferred:
+        def update(txn) -> bool:
+            txn.execute(
+                "UPDATE devices SET token_hash = ? WHERE device_id = ?", (token_hash, device_id)
+            )
+            return txn.rowcount > 0
+
+        return self._interaction(update)
+
+    def record_last_seen(self, seen: dict) -> Deferred:
+        rows = [(when, device_id) for device_id, when in seen.items()]
+
+        def update(txn) -> None:
+            txn.executemany(
+                "UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?)"
+                " WHERE device_id = ?",
+                rows,
+            )
+
+        return self._interaction(update)
+
+    def append_log(self, device_id: str, entry: LogEntry) -> Deferred:
+        payload = json.dumps(entry.payload, ensure_ascii=False, separators=(",", ":"))
+        return self._interaction(
+            lambda txn: txn.execute(
+                "INSERT INTO logs (device_id, ts, payload) VALUES (?, ?, ?)",
+                (device_id, entry.ts, payload),
+            )
+        ).addCallback(lambda _: None)
+
+    def get_logs(self, device_id: str, limit: int, before: int | None = None) -> Deferred:
+        if before is None:
+            d = self._query(
+                "SELECT ts, payload FROM logs WHERE device_id = ?"
+                " ORDER BY ts DESC, id DESC LIMIT ?",
+                device_id,
+                limit,
+            )
+        else:
+            d = self._query(
+                "SELECT ts, payload FROM logs WHERE device_id = ? AND ts < ?"
+                " ORDER BY ts DESC, id DESC LIMIT ?",
+                device_id,
+                before,
+                limit,
+            )
+        return d.addCallback(lambda rows: [LogEntry(ts=r[0], payload=json.loads(r[1])) for r in rows])
