@@ -1,0 +1,30 @@
+"""The gateway's settings as one value, built from ``twistd elevgw`` options (``elevgw.tap``)
+or directly by tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import attrs
+
+
+def default_node_id() -> str:
+    return "{}-{}".format(socket.gethostname(), os.getpid())
+
+
+@attrs.frozen
+class Settings:
+    ws_endpoint: str = "tcp:8080"
+    api_endpoint: str = "tcp:8000:interface=127.0.0.1"
+    store: str = "sqlite:elevgw.sqlite3"
+    snapshots: str = "file:snapshots"
+    public_url: str | None = None
+    backend_url: str | None = None
+    api_key: str | None = None
+    webhook_secret: str | None = None
+    heartbeat_timeout: float = 30.0
+    sweep_interval: float = 10.0
+    max_message_size: int = 8 * 1024 * 1024
+    node_id: str = attrs.field(factory=default_node_id)
+    drain_timeout: float = 10.0

@@ -1,0 +1,137 @@
+"""The southbound WebSocket: Autobahn's protocol, translated into ``Gateway`` calls.
+
+Handshake credentials come from the query (``?device_id=…&token=…``) or, for the token, an
+``Authorization: Bearer`` header. Refusals are plain HTTP answers (401, 503) before any
+socket exists, so a device in a reconnect loop costs one store lookup and no more.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from elevgw.gateway import Gateway, HandshakeRefused
+
+WS_PATH = "/ws"
+
+
+def _first(params: dict, name: str) -> str:
+    values = params.get(name) or [""]
+    return values[0].strip()
+
+
+def credentials(request: Any) -> tuple[str, str]:
+    """``(device_id, token)`` from an Autobahn ``ConnectionRequest``; empty strings when absent."""
+    device_id = _first(request.params, "device_id")
+    token = _first(request.params, "token")
+    if not token:
+        authorization = request.headers.get("authorization", "")
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            token = value.strip()
+    return device_id, token
+
+
+class DeviceProtocol(WebSocketServerProtocol):
+    log = Logger()
+    session = None
+    _device_id: str | None = None
+    _lost = False
+
+    def onConnect(self, request):
+        if request.path != WS_PATH:
+            raise ConnectionDeny(404, "no WebSocket at {}; devices connect to {}".format(request.path, WS_PATH))
+        device_id, token = credentials(request)
+        if not device_id or not token:
+            raise ConnectionDeny(401, "device_id and token are required")
+        d = self.factory.gateway.authenticate(device_id, token)
+
+        def admitted(device):
+            if self._lost:
+                raise ConnectionDeny(400, "connection closed during the handshake")
+            self._device_id = device.device_id
+
+        def refused(failure):
+            failure.trap(HandshakeRefused)
+            raise ConnectionDeny(failure.value.status, failure.value.reason)
+
+        return d.addCallbacks(admitted, refused)
+
+    def onOpen(self):
+        self.session = self.factory.gateway.connected(self._device_id, self)
+
+    def onMessage(self, payload, isBinary):
+        session = self.session
+        if session is None or session.ended:
+            return
+        if isBinary:
+            self.factory.gateway.binary_received(session, payload)
+        else:
+            self.factory.gateway.text_received(session, payload)
+
+    def onClose(self, wasClean, code, reason):
+        if self.session is not None:
+            self.factory.gateway.disconnected(self.session)
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.factory.open_connections.add(self)
+
+    def connectionLost(self, reason):
+        self._lost = True
+        super().connectionLost(reason)
+        self.factory.connection_gone(self)
+
+    # The Connection interface the session registry talks to.
+
+    def send_frame(self, data: bytes) -> None:
+        self.sendMessage(data, isBinary=False)
+
+    def close(self, code: int, reason: str) -> None:
+        self.sendClose(code, reason)
+
+
+class DeviceFactory(WebSocketServerFactory):
+    protocol = DeviceProtocol
+
+    def __init__(self, gateway: Gateway, max_message_size: int, reactor: Any = None) -> None:
+        super().__init__(reactor=reactor)
+        self.gateway = gateway
+        self.open_connections: set[DeviceProtocol] = set()
+        self._all_closed: list[Deferred] = []
+        self.setProtocolOptions(
+            maxFramePayloadSize=max_message_size,
+            maxMessagePayloadSize=max_message_size,
+            # Text frames are parsed as JSON by the gateway, which answers bad UTF-8 with an
+            # error frame; Autobahn would instead drop the connection (1007).
+            utf8validateIncoming=False,
+            autoPingInterval=0,
+            perMessageCompressionAccept=lambda offers: None,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+        )
+
+    def connection_gone(self, protocol: DeviceProtocol) -> None:
+        self.open_connections.discard(protocol)
+        if not self.open_connections:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def connections_closed(self) -> Deferred:
+        """Fire once no device connection is open (for the drain)."""
+        if not self.open_connections:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._all_closed.append(d)
+        return d
+
+    def abort_all(self) -> None:
+        """Drop whatever connection did not finish its close handshake in time."""
+        for protocol in list(self.open_connections):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()

@@ -1,0 +1,226 @@
+"""What the gateway does with a device: admit it, and act on each frame it sends.
+
+``Gateway`` ties the session registry, the command router and the stores together. The
+Autobahn protocol (``elevgw.device_ws``) only translates WebSocket events into calls here,
+so everything below is tested with fake connections and a ``Clock``.
+
+The hot path is a heartbeat: parse, refresh ``last_active``, answer ``pong``; no store round
+trip, no log line, no allocation beyond the frame itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from elevgw import events, wire
+from elevgw.commands import CommandRouter
+from elevgw.sessions import DeviceSession, SessionRegistry
+from elevgw.snapshots import ISnapshotStore, SnapshotStoreError
+from elevgw.store import IDeviceStore, LogEntry, StoreUnavailable, token_matches
+
+
+class HandshakeRefused(Exception):
+    """A device may not connect; ``status`` is the HTTP status of the refused handshake."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+class Gateway:
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IDeviceStore,
+        snapshots: ISnapshotStore,
+        event_sink: events.IEventSink,
+        clock: Any,
+        heartbeat_timeout: float = 30.0,
+        node_id: str = "elevgw",
+    ) -> None:
+        self.store = store
+        self.snapshots = snapshots
+        self.events = event_sink
+        self.clock = clock
+        self.node_id = node_id
+        self.registry = SessionRegistry(
+            clock, event_sink, heartbeat_timeout, record_last_seen=self._record_last_seen
+        )
+        self.commands = CommandRouter(self.registry, clock)
+
+    # -- admission
+
+    def authenticate(self, device_id: str, token: str) -> Deferred:
+        """Fire with the ``Device`` if ``token`` is its current one; else fail with ``HandshakeRefused``."""
+        d = self.store.get_device(device_id)
+
+        def check(device):
+            if device is None or not token_matches(token, device.token_hash):
+                self.log.info(
+                    "handshake refused for {device_id}: {why}",
+                    device_id=device_id,
+                    why="unknown device" if device is None else "wrong token",
+                    event="handshake_refused",
+                )
+                raise HandshakeRefused(401, "unknown device or invalid token")
+            return device
+
+        def unavailable(failure):
+            if failure.check(HandshakeRefused):
+                return failure
+            self.log.warn(
+                "handshake for {device_id} refused: store unavailable ({error})",
+                device_id=device_id,
+                error=failure.getErrorMessage(),
+                event="handshake_unavailable",
+            )
+            raise HandshakeRefused(503, "device store unavailable, retry later")
+
+        return d.addCallback(check).addErrback(unavailable)
+
+    def connected(self, device_id: str, connection: Any) -> DeviceSession:
+        return self.registry.attach(device_id, connection)
+
+    def disconnected(self, session: DeviceSession) -> None:
+        self.registry.detach(session)
+
+    # -- frames
+
+    def text_received(self, session: DeviceSession, data: bytes) -> None:
+        session.last_active = now = self.clock.seconds()
+        try:
+            frame = wire.parse_frame(data, session.device_id)
+        except wire.FrameError as e:
+            self._frame_error(session, e)
+            return
+        kind = frame.type
+        if kind == wire.HEARTBEAT:
+            session.send_frame(wire.pong_frame(int(now * 1000)))
+        elif kind == wire.LOG:
+            self._log_received(session, frame, now)
+        elif kind == wire.SNAPSHOT:
+            try:
+                image = wire.decode_image(frame.payload, frame.id)
+            except wire.FrameError as e:
+                self._frame_error(session, e)
+                return
+            self._snapshot_received(session, image, frame.id)
+        else:
+            self._ack_received(session, frame)
+
+    def binary_received(self, session: DeviceSession, data: bytes) -> None:
+        """A binary frame is a snapshot's raw image (the cheap path: no base64, no JSON)."""
+        session.last_active = self.clock.seconds()
+        self._snapshot_received(session, data, None)
+
+    def _frame_error(self, session: DeviceSession, error: wire.FrameError) -> None:
+        self.log.info(
+            "bad frame from {device_id}: {code} ({detail})",
+            device_id=session.device_id,
+            code=error.code,
+            detail=error.detail,
+            event="frame_error",
+        )
+        session.send_frame(wire.error_frame(error.code, error.detail, error.frame_id))
+
+    def _log_received(self, session: DeviceSession, frame: wire.Frame, now: float) -> None:
+        entry = LogEntry(ts=int(now * 1000), payload=frame.payload)
+        d = self.store.append_log(session.device_id, entry)
+
+        def stored(_):
+            if frame.id is not None:
+                session.send_frame(wire.ack_frame(frame.id))
+
+        def failed(failure):
+            if failure.check(StoreUnavailable):
+                detail = "log not stored: device store unavailable, send it again later"
+                code = wire.STORE_UNAVAILABLE
+            else:
+                self.log.failure("storing a log of {device_id} failed", failure, device_id=session.device_id)
+                detail, code = "log not stored", wire.INTERNAL_ERROR
+            session.send_frame(wire.error_frame(code, detail, frame.id))
+
+        d.addCallbacks(stored, failed)
+
+    def _snapshot_received(self, session: DeviceSession, image: bytes, frame_id: str | None) -> None:
+        device_id = session.device_id
+        waiter = self.commands.claim(device_id, frame_id)
+        request_id = getattr(waiter, "command", None)
+        request_id = request_id.id if request_id is not None else frame_id
+        try:
+            d = self.snapshots.put(device_id, image, int(self.clock.seconds() * 1000))
+        except ValueError as e:
+            error = wire.FrameError(wire.NOT_AN_IMAGE, str(e), frame_id)
+            self._frame_error(session, error)
+            _settle(waiter, error=error)
+            return
+
+        def stored(snapshot):
+            self.log.info(
+                "snapshot from {device_id} stored: {size} bytes at {url}",
+                device_id=device_id,
+                size=snapshot.size,
+                url=snapshot.url,
+                event="snapshot_stored",
+            )
+            session.send_frame(wire.ack_frame(frame_id, url=snapshot.url))
+            _settle(waiter, result=snapshot)
+            self.events.emit(
+                events.SnapshotReady(device_id, snapshot.url, request_id, snapshot.taken_at)
+            )
+
+        def failed(failure):
+            self.log.failure(
+                "storing a snapshot of {device_id} failed", failure, device_id=device_id
+            )
+            session.send_frame(
+                wire.error_frame(wire.SNAPSHOT_FAILED, "snapshot could not be stored", frame_id)
+            )
+            error = failure.value if failure.check(SnapshotStoreError) else SnapshotStoreError(
+                failure.getErrorMessage()
+            )
+            _settle(waiter, error=error)
+
+        d.addCallbacks(stored, failed)
+
+    def _ack_received(self, session: DeviceSession, frame: wire.Frame) -> None:
+        waiter = self.commands.claim(session.device_id, frame.id) if frame.id else None
+        self.log.info(
+            "device {device_id} acked command {command_id}",
+            device_id=session.device_id,
+            command_id=frame.id,
+            event="command_acked",
+        )
+        _settle(waiter, result=frame.payload)
+
+    # -- housekeeping
+
+    def sweep(self) -> int:
+        return self.registry.sweep()
+
+    def _record_last_seen(self, seen: dict) -> None:
+        d = self.store.record_last_seen(seen)
+        d.addErrback(
+            lambda f: self.log.warn(
+                "could not record last_seen of {count} devices: {error}",
+                count=len(seen),
+                error=f.getErrorMessage(),
+            )
+        )
+
+    def healthy(self) -> Deferred:
+        return self.store.ping() if self.store is not None else succeed(None)
+
+
+def _settle(waiter: Deferred | None, result: Any = None, error: Exception | None = None) -> None:
+    if waiter is None or waiter.called:
+        return
+    if error is not None:
+        waiter.errback(error)
+    else:
+        waiter.callback(result)

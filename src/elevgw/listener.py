@@ -1,0 +1,57 @@
+"""A listening endpoint as a service that binds in ``privilegedStartService``.
+
+Like ``strports.service`` with its synchronous-raise flag, but public: a port that cannot be
+bound raises there, so ``twistd`` refuses to start instead of running deaf, and the bound
+port is available (``port``) for tests on ``tcp:0`` and for the default public URL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, succeed
+
+
+class Listener(Service):
+    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
+        self._reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.port: Any = None
+        self._listening: Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self._listening is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        endpoint = endpoints.serverFromString(self._reactor, self.description)
+        failures: list = []
+        self._listening = endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._bound, failures.append)
+        if failures:
+            self._listening = None
+            failures[0].raiseException()
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        return port
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        port, self.port = self.port, None
+        self._listening = None
+        if port is None:
+            return succeed(None)
+        return port.stopListening()
+
+    def address(self) -> Any:
+        """The bound address (``IAddress``), or ``None`` before binding."""
+        return None if self.port is None else self.port.getHost()

@@ -1,0 +1,171 @@
+"""The gateway assembled as a Twisted service: stores, listeners, the sweep, the drain.
+
+``GatewayService`` owns every resource it starts (thread pool, store connections, ports) and
+releases them in ``stopService``, whose Deferred ``twistd`` waits for: that is the SIGTERM
+drain (stop accepting, close device sockets with 1001, emit their offline events, give
+pending webhooks a bounded grace period).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import task
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+
+from elevgw import events
+from elevgw.api import DeviceAPI
+from elevgw.config import Settings
+from elevgw.device_ws import DeviceFactory
+from elevgw.gateway import Gateway
+from elevgw.listener import Listener
+from elevgw.sessions import CLOSE_GOING_AWAY
+from elevgw.snapshots import FileSnapshotStore
+from elevgw.store import IDeviceStore
+from elevgw.store_sqlite import SQLiteStore
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (bad store URL, missing OSS key); one line for the operator."""
+
+
+def make_store(spec: str, reactor: Any) -> IDeviceStore:
+    if spec.startswith("sqlite:"):
+        path = spec[len("sqlite:") :]
+        if not path:
+            raise ConfigError("--store sqlite: needs a file path, e.g. sqlite:elevgw.sqlite3")
+        return SQLiteStore(path)
+    raise ConfigError("--store must be sqlite:PATH or redis://host:port/db, not {!r}".format(spec))
+
+
+class GatewayService(MultiService):
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="elevgw-files")
+        self.store = make_store(settings.store, reactor)
+        self.snapshots = self._make_snapshot_store(settings.snapshots)
+        self.event_sink: events.IEventSink = events.NullSink()
+        self.gateway = Gateway(
+            self.store,
+            self.snapshots,
+            self.event_sink,
+            clock=reactor,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            node_id=settings.node_id,
+        )
+        self.device_factory = DeviceFactory(self.gateway, settings.max_message_size, reactor=reactor)
+        self.api = DeviceAPI(self.gateway, api_key=settings.api_key)
+        site = Site(self.api.resource())
+        site.displayTracebacks = False
+        site.noisy = False
+        self.ws_listener = Listener(reactor, settings.ws_endpoint, self.device_factory)
+        self.api_listener = Listener(reactor, settings.api_endpoint, site)
+        self.ws_listener.setServiceParent(self)
+        self.api_listener.setServiceParent(self)
+        self._sweep = task.LoopingCall(self._run_sweep)
+        self._sweep.clock = reactor
+        self.ready: Deferred = Deferred()
+
+    def _make_snapshot_store(self, spec: str):
+        if spec.startswith("file:"):
+            path = spec[len("file:") :]
+            if not path:
+                raise ConfigError("--snapshots file: needs a folder, e.g. file:snapshots")
+            return FileSnapshotStore(path, self.public_url, self.reactor, self.threadpool)
+        raise ConfigError("--snapshots must be file:PATH or oss://BUCKET, not {!r}".format(spec))
+
+    def public_url(self) -> str:
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        address = self.api_listener.address()
+        host = getattr(address, "host", "127.0.0.1")
+        if host in ("0.0.0.0", "::", ""):
+            host = os.uname().nodename
+        if ":" in host:
+            host = "[{}]".format(host)
+        return "http://{}:{}".format(host, getattr(address, "port", 8000))
+
+    def ws_port(self) -> int:
+        return self.ws_listener.address().port
+
+    def api_port(self) -> int:
+        return self.api_listener.address().port
+
+    def startService(self) -> None:
+        self.threadpool.start()
+        starting = gatherResults([self.store.start(), self.snapshots.start()], consumeErrors=True)
+        super().startService()
+        self._sweep.start(self.settings.sweep_interval, now=False).addErrback(
+            lambda f: self.log.failure("the sweep stopped", f)
+        )
+        self.log.info(
+            "elevgw {node_id}: devices on {ws}, API on {api}, store {store}",
+            node_id=self.settings.node_id,
+            ws=self.settings.ws_endpoint,
+            api=self.settings.api_endpoint,
+            store=self.store.name,
+        )
+
+        def started(_):
+            self.ready.callback(None)
+
+        def failed(failure):
+            self.log.failure("starting the stores failed", failure)
+            self.ready.errback(failure)
+
+        starting.addCallbacks(started, failed)
+
+    def _run_sweep(self) -> None:
+        try:
+            self.gateway.sweep()
+        except Exception:
+            self.log.failure("sweep failed")
+
+    async def _drain(self) -> None:
+        await self.ws_listener.stopService()
+        closing = self.device_factory.connections_closed()
+        count = self.gateway.registry.end_all(events.OFFLINE_SHUTDOWN, CLOSE_GOING_AWAY)
+        if count:
+            self.log.info("draining: closed {count} device sessions (1001)", count=count)
+        await _within(closing, self.settings.drain_timeout / 2, self.reactor)
+        self.device_factory.abort_all()
+        await _within(self.event_sink.drain(self.settings.drain_timeout / 2), self.settings.drain_timeout / 2, self.reactor)
+
+    def stopService(self) -> Deferred:
+        d = Deferred.fromCoroutine(self._drain())
+        d.addErrback(lambda f: self.log.failure("draining failed", f))
+
+        def release(_):
+            if self._sweep.running:
+                self._sweep.stop()
+            stopping = [MultiService.stopService(self), self.store.stop(), self.snapshots.stop()]
+            return DeferredList(stopping, consumeErrors=True)
+
+        def stop_threads(_):
+            self.threadpool.stop()
+
+        return d.addCallback(release).addCallback(stop_threads)
+
+
+def _within(d: Deferred, seconds: float, clock: Any) -> Deferred:
+    """``d``, but fired with ``None`` after ``seconds`` at the latest (and never failing)."""
+    done: Deferred = Deferred()
+    timer = clock.callLater(seconds, lambda: done.called or done.callback(None))
+
+    def finished(_):
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+
+    d.addBoth(finished)
+    return done

@@ -1,0 +1,191 @@
+"""Device sessions: who is connected to this node, since when, and when they last spoke.
+
+``SessionRegistry`` is the one writer of a device's lifecycle on this node: it decides
+online/offline, takeovers and timeouts, and emits the matching events in the order they
+happen. It knows nothing about WebSockets: a session talks to its device through a
+``connection`` with ``send_frame(bytes)`` and ``close(code, reason)``, which the Autobahn
+protocol provides and unit tests fake.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from elevgw import events
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_TIMEOUT = 4000
+CLOSE_TAKEN_OVER = 4001
+CLOSE_REVOKED = 4003
+
+
+class Connection(Protocol):
+    def send_frame(self, data: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class DeviceSession:
+    """One device's live connection to this node. ``last_active`` is in clock seconds."""
+
+    __slots__ = ("device_id", "connection", "connected_at", "last_active", "ended")
+
+    def __init__(self, device_id: str, connection: Connection, now: float) -> None:
+        self.device_id = device_id
+        self.connection = connection
+        self.connected_at = now
+        self.last_active = now
+        self.ended = False
+
+    def send_frame(self, data: bytes) -> None:
+        self.connection.send_frame(data)
+
+
+class SessionRegistry:
+    """The sessions of this node, keyed by device id.
+
+    ``on_session_ended`` callbacks get ``(session, reason)`` whenever a session stops being the
+    device's current one (so pending snapshot requests can fail fast).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        event_sink: events.IEventSink,
+        heartbeat_timeout: float,
+        record_last_seen: Any = None,
+    ) -> None:
+        self._clock = clock
+        self._events = event_sink
+        self.heartbeat_timeout = heartbeat_timeout
+        self._record_last_seen = record_last_seen
+        self._sessions: dict[str, DeviceSession] = {}
+        self.takeovers = 0
+        self.on_session_ended: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, device_id: str) -> DeviceSession | None:
+        return self._sessions.get(device_id)
+
+    def sessions(self) -> list[DeviceSession]:
+        return list(self._sessions.values())
+
+    def attach(self, device_id: str, connection: Connection) -> DeviceSession:
+        """Make ``connection`` the device's session; an older one is closed with 4001.
+
+        A takeover emits no offline event: the device never stopped being online.
+        """
+        now = self._clock.seconds()
+        session = DeviceSession(device_id, connection, now)
+        old = self._sessions.get(device_id)
+        self._sessions[device_id] = session
+        if old is None:
+            reason = events.ONLINE_CONNECTED
+        else:
+            reason = events.ONLINE_TAKEOVER
+            self.takeovers += 1
+            old.ended = True
+            self._ended(old, events.ONLINE_TAKEOVER)
+            self.log.warn(
+                "device {device_id} connected again: old session taken over (4001)",
+                device_id=device_id,
+                event="takeover",
+            )
+            _close_quietly(old, CLOSE_TAKEN_OVER, "taken over by a newer connection")
+        self.log.info(
+            "device {device_id} online ({reason})",
+            device_id=device_id,
+            reason=reason,
+            event="device_online",
+        )
+        self._events.emit(events.DeviceStatus(device_id, "online", reason, _ms(self._clock)))
+        return session
+
+    def detach(self, session: DeviceSession) -> None:
+        """The session's connection is gone. Emits offline unless the session was already ended."""
+        self.end(session, events.OFFLINE_CLOSED)
+
+    def end(self, session: DeviceSession, reason: str, close_code: int | None = None) -> None:
+        """End ``session`` now: unregister it, emit its offline event, close it with ``close_code``."""
+        if session.ended:
+            return
+        session.ended = True
+        if self._sessions.get(session.device_id) is session:
+            del self._sessions[session.device_id]
+        self._ended(session, reason)
+        if self._record_last_seen is not None:
+            self._record_last_seen({session.device_id: session.last_active})
+        self.log.info(
+            "device {device_id} offline ({reason})",
+            device_id=session.device_id,
+            reason=reason,
+            event="device_offline",
+        )
+        self._events.emit(
+            events.DeviceStatus(session.device_id, "offline", reason, _ms(self._clock))
+        )
+        if close_code is not None:
+            _close_quietly(session, close_code, reason)
+
+    def end_device(self, device_id: str, reason: str, close_code: int) -> bool:
+        """End the device's session if it has one here; ``True`` if it had."""
+        session = self._sessions.get(device_id)
+        if session is None:
+            return False
+        self.end(session, reason, close_code)
+        return True
+
+    def end_all(self, reason: str, close_code: int) -> int:
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            self.end(session, reason, close_code)
+        return len(sessions)
+
+    def sweep(self) -> int:
+        """Close every session silent for longer than the heartbeat timeout (4000).
+
+        Runs once per sweep interval and costs one pass over the sessions. Also hands the
+        store every session's ``last_seen`` in one batch, so a crash loses at most one
+        interval of it. One failing session never stops the sweep for the others.
+        """
+        deadline = self._clock.seconds() - self.heartbeat_timeout
+        expired = 0
+        seen = {}
+        for session in list(self._sessions.values()):
+            try:
+                if session.last_active < deadline:
+                    self.end(session, events.OFFLINE_TIMEOUT, CLOSE_TIMEOUT)
+                    expired += 1
+                else:
+                    seen[session.device_id] = session.last_active
+            except Exception:
+                self.log.failure(
+                    "sweep failed for device {device_id}", device_id=session.device_id
+                )
+        if seen and self._record_last_seen is not None:
+            self._record_last_seen(seen)
+        return expired
+
+    def _ended(self, session: DeviceSession, reason: str) -> None:
+        for callback in self.on_session_ended:
+            try:
+                callback(session, reason)
+            except Exception:
+                self.log.failure("session-ended hook failed for {device_id}", device_id=session.device_id)
+
+
+def _close_quietly(session: DeviceSession, code: int, reason: str) -> None:
+    try:
+        session.connection.close(code, reason)
+    except Exception:
+        Logger().failure("closing device {device_id} failed", device_id=session.device_id)
+
+
+def _ms(clock: Any) -> int:
+    return int(clock.seconds() * 1000)

@@ -1,0 +1,134 @@
+"""``twistd elevgw``: options and ``makeService``.
+
+Every option can also come from ``ELEVGW_<OPTION>`` (dashes as underscores), which is where
+secrets belong: the command line shows in ``ps``. The command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.python import usage
+
+from elevgw.config import Settings, default_node_id
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("not a number: {!r}".format(value))
+    if not number > 0:
+        raise ValueError("must be greater than 0: {!r}".format(value))
+    return number
+
+
+_positive_float.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("not a whole number: {!r}".format(value))
+    if number <= 0:
+        raise ValueError("must be greater than 0: {!r}".format(value))
+    return number
+
+
+_positive_int.coerceDoc = "A whole number greater than 0."  # type: ignore[attr-defined]
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """Whether a server endpoint string only accepts local connections."""
+    kind = description.split(":", 1)[0].lower()
+    if kind == "unix":
+        return True
+    for part in description.split(":")[1:]:
+        if part.startswith("interface="):
+            host = part[len("interface=") :].strip("[]")
+            return host == "localhost" or host.startswith("127.") or host == "::1"
+    return False
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Runs the elevgw gateway: device WebSockets on --ws-endpoint, the backend API on "
+        "--api-endpoint. Every option can also be set as ELEVGW_<OPTION> in the environment "
+        "(e.g. ELEVGW_API_KEY); use that for secrets."
+    )
+
+    optParameters: list[list[Any]] = [
+        ["ws-endpoint", None, "tcp:8080", "Device WebSocket listener (Twisted endpoint string)."],
+        ["api-endpoint", None, "tcp:8000:interface=127.0.0.1", "Backend API listener (endpoint string)."],
+        ["store", None, "sqlite:elevgw.sqlite3", "Device store: sqlite:PATH or redis://host:port/db."],
+        ["snapshots", None, "file:snapshots", "Snapshot store: file:FOLDER or oss://BUCKET."],
+        ["public-url", None, None, "Base URL put in front of /snapshots/... (default: the API's address)."],
+        ["backend-url", None, None, "Backend base URL for webhooks (default: webhooks off)."],
+        ["api-key", None, None, "Bearer key the API requires (prefer ELEVGW_API_KEY)."],
+        ["webhook-secret", None, None, "HMAC key for webhook signatures (prefer ELEVGW_WEBHOOK_SECRET)."],
+        ["heartbeat-timeout", None, 30.0, "Close sessions silent for this many seconds.", _positive_float],
+        ["sweep-interval", None, 10.0, "Seconds between liveness sweeps.", _positive_float],
+        ["max-message-size", None, 8388608, "Largest device frame in bytes (over: close 1009).", _positive_int],
+        ["node-id", None, None, "This node's name in logs and presence (default: host name + pid)."],
+        ["drain-timeout", None, 10.0, "Seconds SIGTERM waits for sockets and webhooks.", _positive_float],
+    ]
+
+    def parseOptions(self, options=None):
+        args = list(options) if options is not None else []
+        super().parseOptions(self._environment_args() + args)
+
+    def _environment_args(self) -> list[str]:
+        args = []
+        for entry in self.optParameters:
+            name = entry[0]
+            value = os.environ.get("ELEVGW_" + name.upper().replace("-", "_"))
+            if value:
+                args.append("--{}={}".format(name, value))
+        return args
+
+    def postOptions(self) -> None:
+        if self["node-id"] is None:
+            self["node-id"] = default_node_id()
+        for name in ("public-url", "backend-url"):
+            url = self[name]
+            if url is not None:
+                parts = urlsplit(url)
+                if parts.scheme not in ("http", "https") or not parts.netloc:
+                    raise usage.UsageError("--{} must be an http(s):// URL, not {!r}".format(name, url))
+        if not is_loopback_endpoint(self["api-endpoint"]) and not self["api-key"]:
+            raise usage.UsageError(
+                "the API on {!r} is reachable from other hosts: set ELEVGW_API_KEY (or --api-key), "
+                "or bind it to a loopback interface".format(self["api-endpoint"])
+            )
+
+    def settings(self) -> Settings:
+        return Settings(
+            ws_endpoint=self["ws-endpoint"],
+            api_endpoint=self["api-endpoint"],
+            store=self["store"],
+            snapshots=self["snapshots"],
+            public_url=self["public-url"],
+            backend_url=self["backend-url"],
+            api_key=self["api-key"],
+            webhook_secret=self["webhook-secret"],
+            heartbeat_timeout=self["heartbeat-timeout"],
+            sweep_interval=self["sweep-interval"],
+            max_message_size=self["max-message-size"],
+            node_id=self["node-id"],
+            drain_timeout=self["drain-timeout"],
+        )
+
+
+def makeService(options: Options):
+    from twisted.internet import reactor
+
+    from elevgw.service import ConfigError, GatewayService
+
+    try:
+        return GatewayService(options.settings(), reactor)
+    except ConfigError as e:
+        raise usage.UsageError(str(e))
