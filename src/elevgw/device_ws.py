@@ -92,7 +92,12 @@ class DeviceProtocol(WebSocketServerProtocol):
         self.sendMessage(data, isBinary=False)
 
     def close(self, code: int, reason: str) -> None:
-        self.sendClose(code, reason)
+        if code == 1000 or 3000 <= code <= 4999:
+            self.sendClose(code, reason)
+        else:
+            # Autobahn's public sendClose refuses protocol codes such as 1001 (going away),
+            # which the drain must send.
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
 
 
 class DeviceFactory(WebSocketServerFactory):
@@ -109,6 +114,9 @@ class DeviceFactory(WebSocketServerFactory):
             # Text frames are parsed as JSON by the gateway, which answers bad UTF-8 with an
             # error frame; Autobahn would instead drop the connection (1007).
             utf8validateIncoming=False,
+            # Fail with a close frame (1009 for an oversized frame) instead of a bare drop,
+            # so the device learns why.
+            failByDrop=False,
             autoPingInterval=0,
             perMessageCompressionAccept=lambda offers: None,
             openHandshakeTimeout=10,

@@ -1,0 +1,174 @@
+"""The northbound API over real HTTP: commands, snapshot requests, validation, the API key."""
+
+import base64
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import ensureDeferred
+
+from images import tiny_jpeg, tiny_png
+from wsclient import connect_device
+
+
+async def online_device(gateway):
+    creds = await gateway.register()
+    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+    return creds["device_id"], device
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_writes_the_command_to_the_device(gateway):
+    device_id, device = await online_device(gateway)
+    status, body = await gateway.call(
+        "POST", "/api/send", {"device_id": device_id, "command": "REBOOT", "data": {"delay": 3}}
+    )
+    assert status == 200 and body["ok"] is True and body["id"].startswith("cmd_")
+    frame = await device.frame()
+    assert frame == {"type": "command", "id": body["id"], "payload": "REBOOT", "data": {"delay": 3}}
+    device.send({"type": "ack", "id": body["id"], "payload": {"ok": True}})
+    assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
+    await device.close()
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        ({"device_id": "dev_nobody", "command": "REBOOT"}, 404, "device_offline"),
+        ({"command": "REBOOT"}, 400, "bad_device_id"),
+        ({"device_id": "dev_x"}, 400, "bad_command"),
+        ({"device_id": "dev_x", "command": ""}, 400, "bad_command"),
+        ({"device_id": 5, "command": "REBOOT"}, 400, "bad_device_id"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_send_refuses_what_it_cannot_deliver(gateway, body, status, code):
+    got_status, got = await gateway.call("POST", "/api/send", body)
+    assert (got_status, got["error"]) == (status, code)
+    assert got["detail"]
+
+
+@pytest.mark.parametrize(
+    "raw, status, code",
+    [
+        (b"", 400, "bad_json"),
+        (b"{not json", 400, "bad_json"),
+        (b"[1]", 400, "bad_json"),
+        (b'{"location": "x' + b"y" * 70000 + b'"}', 413, "body_too_large"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_bodies_get_json_errors(gateway, raw, status, code):
+    got_status, got = await gateway.call("POST", "/api/v1/devices/register", raw=raw)
+    assert (got_status, got["error"]) == (status, code)
+
+
+@pytest.mark.parametrize("location", [None, "", "   ", 12, "x" * 201])
+@pytest_twisted.ensureDeferred
+async def test_register_wants_a_location(gateway, location):
+    status, body = await gateway.call("POST", "/api/v1/devices/register", {"location": location})
+    assert (status, body["error"]) == (400, "bad_location")
+    status, body = await gateway.call("GET", "/api/v1/devices")
+    assert body == {"devices": []}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_routes_and_methods_answer_json(gateway):
+    status, body = await gateway.call("GET", "/nowhere")
+    assert (status, body["error"]) == (404, "not_found")
+    status, body = await gateway.call("PUT", "/api/send", {})
+    assert (status, body["error"]) == (405, "method_not_allowed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_of_an_offline_device_is_404(gateway):
+    creds = await gateway.register()
+    status, body = await gateway.call(
+        "GET", "/api/v1/devices/remote/{}/snapshot".format(creds["device_id"])
+    )
+    assert (status, body["error"]) == (404, "device_offline")
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_that_never_comes_is_504_and_a_late_one_is_still_stored(gateway):
+    device_id, device = await online_device(gateway)
+    status, body = await gateway.call(
+        "GET", "/api/v1/devices/remote/{}/snapshot?timeout=0.2".format(device_id)
+    )
+    assert (status, body["error"]) == (504, "device_timeout")
+    command = await device.frame()
+    assert gateway.service.gateway.commands.pending_count() == 0
+    device.send({"type": "snapshot", "id": command["id"], "payload": base64.b64encode(tiny_png()).decode()})
+    ack = await device.frame()
+    assert ack["type"] == "ack" and ack["url"]
+    await device.close()
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "abc", "121"])
+@pytest_twisted.ensureDeferred
+async def test_snapshot_timeout_must_be_sane(gateway, timeout):
+    status, body = await gateway.call(
+        "GET", "/api/v1/devices/remote/dev_x/snapshot?timeout=" + timeout
+    )
+    assert (status, body["error"]) == (400, "bad_timeout")
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshot_without_an_id_answers_the_oldest_request(gateway):
+    device_id, device = await online_device(gateway)
+    path = "/api/v1/devices/remote/{}/snapshot".format(device_id)
+    first = ensureDeferred(gateway.call("GET", path))
+    first_command = await device.frame()
+    second = ensureDeferred(gateway.call("GET", path))
+    second_command = await device.frame()
+    assert first_command["id"] != second_command["id"]
+    device.send_binary(tiny_jpeg())
+    await device.frame()
+    status, body = await first
+    assert status == 200 and body["content_type"] == "image/jpeg"
+    assert not second.called
+    device.send({"type": "snapshot", "id": second_command["id"],
+                 "payload": base64.b64encode(tiny_png()).decode()})
+    status, body = await second
+    assert status == 200 and body["content_type"] == "image/png"
+    await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_disconnecting_during_a_snapshot_request_is_504(gateway):
+    device_id, device = await online_device(gateway)
+    waiting = ensureDeferred(
+        gateway.call("GET", "/api/v1/devices/remote/{}/snapshot".format(device_id))
+    )
+    await device.frame()
+    await device.drop()
+    status, body = await waiting
+    assert (status, body["error"]) == (504, "device_disconnected")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_that_answers_garbage_gets_an_error_and_the_caller_502(gateway):
+    device_id, device = await online_device(gateway)
+    waiting = ensureDeferred(
+        gateway.call("GET", "/api/v1/devices/remote/{}/snapshot".format(device_id))
+    )
+    command = await device.frame()
+    device.send({"type": "snapshot", "id": command["id"], "payload": base64.b64encode(b"text").decode()})
+    assert (await device.frame())["error"] == "not_an_image"
+    status, body = await waiting
+    assert (status, body["error"]) == (502, "bad_snapshot")
+    await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_key_guards_every_route_but_healthz(gateway_factory):
+    gateway = await gateway_factory(api_key="s3cret")
+    status, _ = await gateway.call("GET", "/healthz", headers={"Authorization": "Bearer nope"})
+    assert status == 200
+    for method, path in [("GET", "/api/v1/devices"), ("POST", "/api/v1/devices/register"),
+                         ("POST", "/api/send"), ("GET", "/snapshots/x/y.png")]:
+        status, body = await gateway.call(method, path, {}, headers={"Authorization": "Bearer nope"})
+        assert (status, body["error"]) == (401, "unauthorized"), path
+        status, body = await gateway.call(method, path, {}, headers={"Authorization": "Basic czNjcmV0"})
+        assert status == 401, path
+    status, body = await gateway.call("GET", "/api/v1/devices")
+    assert status == 200

@@ -1,0 +1,161 @@
+"""The session registry on a Clock: liveness sweep, takeover, ending sessions, event order."""
+
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from elevgw import events
+from elevgw.sessions import (
+    CLOSE_GOING_AWAY,
+    CLOSE_REVOKED,
+    CLOSE_TAKEN_OVER,
+    CLOSE_TIMEOUT,
+    SessionRegistry,
+)
+
+
+@implementer(events.IEventSink)
+class RecordingSink:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, event):
+        self.events.append(event)
+
+    def drain(self, timeout):
+        return succeed(None)
+
+    def statuses(self):
+        return [(e.device_id, e.status, e.reason) for e in self.events]
+
+
+class FakeConnection:
+    def __init__(self, fail_on_close=False):
+        self.sent = []
+        self.closed_with = None
+        self.fail_on_close = fail_on_close
+
+    def send_frame(self, data):
+        self.sent.append(data)
+
+    def close(self, code, reason):
+        if self.fail_on_close:
+            raise RuntimeError("transport already gone")
+        self.closed_with = (code, reason)
+
+
+def make_registry(timeout=30.0):
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    sink = RecordingSink()
+    seen = []
+    registry = SessionRegistry(clock, sink, timeout, record_last_seen=seen.append)
+    return clock, sink, registry, seen
+
+
+def test_silent_device_is_closed_with_4000_after_timeout():
+    clock, sink, registry, _ = make_registry(timeout=30)
+    quiet, chatty = FakeConnection(), FakeConnection()
+    registry.attach("dev_quiet", quiet)
+    chatty_session = registry.attach("dev_chatty", chatty)
+    for _ in range(3):
+        clock.advance(10)
+        chatty_session.last_active = clock.seconds()
+        assert registry.sweep() == 0
+    assert quiet.closed_with is None  # silent for exactly 30 s: not yet
+    clock.advance(10)
+    chatty_session.last_active = clock.seconds()
+    assert registry.sweep() == 1
+    assert quiet.closed_with[0] == CLOSE_TIMEOUT
+    assert chatty.closed_with is None
+    assert registry.get("dev_quiet") is None and registry.get("dev_chatty") is chatty_session
+    assert ("dev_quiet", "offline", events.OFFLINE_TIMEOUT) in sink.statuses()
+
+
+def test_a_device_exactly_at_the_timeout_is_not_closed():
+    clock, _, registry, _ = make_registry(timeout=30)
+    connection = FakeConnection()
+    registry.attach("dev_a", connection)
+    clock.advance(30)
+    assert registry.sweep() == 0 and connection.closed_with is None
+
+
+def test_sweep_records_last_seen_of_live_sessions_in_one_batch():
+    clock, _, registry, seen = make_registry()
+    registry.attach("dev_a", FakeConnection())
+    registry.attach("dev_b", FakeConnection())
+    clock.advance(5)
+    registry.sweep()
+    assert seen == [{"dev_a": 1_700_000_000, "dev_b": 1_700_000_000}]
+
+
+def test_one_failing_session_does_not_stop_the_sweep():
+    clock, sink, registry, _ = make_registry(timeout=30)
+    registry.attach("dev_broken", FakeConnection(fail_on_close=True))
+    healthy = FakeConnection()
+    registry.attach("dev_fine", healthy)
+    clock.advance(31)
+    assert registry.sweep() == 2
+    assert healthy.closed_with[0] == CLOSE_TIMEOUT
+    assert len(registry) == 0
+    offline = [s for s in sink.statuses() if s[1] == "offline"]
+    assert sorted(offline) == [
+        ("dev_broken", "offline", "timeout"), ("dev_fine", "offline", "timeout")
+    ]
+
+
+def test_takeover_closes_the_old_socket_with_4001_and_emits_no_offline():
+    clock, sink, registry, _ = make_registry()
+    old, new = FakeConnection(), FakeConnection()
+    old_session = registry.attach("dev_a", old)
+    new_session = registry.attach("dev_a", new)
+    assert old.closed_with[0] == CLOSE_TAKEN_OVER
+    assert registry.get("dev_a") is new_session
+    registry.detach(old_session)  # the old socket's close arrives later
+    assert registry.get("dev_a") is new_session
+    assert sink.statuses() == [
+        ("dev_a", "online", events.ONLINE_CONNECTED),
+        ("dev_a", "online", events.ONLINE_TAKEOVER),
+    ]
+    assert registry.takeovers == 1
+
+
+def test_close_then_reconnect_gives_offline_before_online():
+    clock, sink, registry, _ = make_registry()
+    first = registry.attach("dev_a", FakeConnection())
+    registry.detach(first)
+    registry.attach("dev_a", FakeConnection())
+    assert sink.statuses() == [
+        ("dev_a", "online", "connected"),
+        ("dev_a", "offline", "closed"),
+        ("dev_a", "online", "connected"),
+    ]
+
+
+def test_ending_a_session_emits_one_offline_even_when_its_close_arrives_later():
+    clock, sink, registry, _ = make_registry()
+    connection = FakeConnection()
+    session = registry.attach("dev_a", connection)
+    assert registry.end_device("dev_a", events.OFFLINE_REVOKED, CLOSE_REVOKED)
+    registry.detach(session)
+    assert connection.closed_with[0] == CLOSE_REVOKED
+    assert sink.statuses() == [("dev_a", "online", "connected"), ("dev_a", "offline", "revoked")]
+    assert not registry.end_device("dev_a", events.OFFLINE_REVOKED, CLOSE_REVOKED)
+
+
+def test_end_all_closes_every_session_with_1001():
+    clock, sink, registry, _ = make_registry()
+    connections = [FakeConnection() for _ in range(3)]
+    for number, connection in enumerate(connections):
+        registry.attach("dev_{}".format(number), connection)
+    assert registry.end_all(events.OFFLINE_SHUTDOWN, CLOSE_GOING_AWAY) == 3
+    assert [c.closed_with[0] for c in connections] == [1001] * 3
+    assert len(registry) == 0
+    assert [s[2] for s in sink.statuses() if s[1] == "offline"] == ["shutdown"] * 3
+
+
+def test_event_timestamps_are_epoch_milliseconds_of_the_clock():
+    clock, sink, registry, _ = make_registry()
+    clock.advance(0.25)
+    registry.attach("dev_a", FakeConnection())
+    assert sink.events[0].ts == 1_700_000_000_250
