@@ -6,7 +6,9 @@ secrets belong: the command line shows in ``ps``. The command line wins over the
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,13 +45,18 @@ _positive_int.coerceDoc = "A whole number greater than 0."  # type: ignore[attr-
 
 def is_loopback_endpoint(description: str) -> bool:
     """Whether a server endpoint string only accepts local connections."""
-    kind = description.split(":", 1)[0].lower()
-    if kind == "unix":
+    parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", description)]
+    if parts[0].lower() == "unix":
         return True
-    for part in description.split(":")[1:]:
+    for part in parts[1:]:
         if part.startswith("interface="):
-            host = part[len("interface=") :].strip("[]")
-            return host == "localhost" or host.startswith("127.") or host == "::1"
+            host = part[len("interface=") :]
+            if host == "localhost":
+                return True
+            try:
+                return ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                return False
     return False
 
 
