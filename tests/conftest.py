@@ -25,7 +25,7 @@ class RunningGateway:
 
     @property
     def base(self) -> str:
-        return "http://127.0.0.1:{}".format(self.service.api_port())
+        return f"http://127.0.0.1:{self.service.api_port()}"
 
     def _headers(self, headers=None):
         merged = dict(headers or {})
@@ -33,11 +33,17 @@ class RunningGateway:
             merged["Authorization"] = "Bearer " + self.api_key
         return merged
 
-    async def call(self, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
+    async def call(
+        self, method: str, path: str, body=None, headers=None, raw: bytes | None = None
+    ):
         """``(status, json body)`` of one API call."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         response = await treq.request(
-            method, self.base + path, data=data, headers=self._headers(headers), reactor=reactor,
+            method,
+            self.base + path,
+            data=data,
+            headers=self._headers(headers),
+            reactor=reactor,
             timeout=30,
         )
         content = await response.content()

@@ -24,7 +24,12 @@ async def test_send_writes_the_command_to_the_device(gateway):
     )
     assert status == 200 and body["ok"] is True and body["id"].startswith("cmd_")
     frame = await device.frame()
-    assert frame == {"type": "command", "id": body["id"], "payload": "REBOOT", "data": {"delay": 3}}
+    assert frame == {
+        "type": "command",
+        "id": body["id"],
+        "payload": "REBOOT",
+        "data": {"delay": 3},
+    }
     device.send({"type": "ack", "id": body["id"], "payload": {"ok": True}})
     assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
     await device.close()
@@ -92,12 +97,14 @@ async def test_snapshot_of_an_offline_device_is_404(gateway):
 async def test_snapshot_that_never_comes_is_504_and_a_late_one_is_still_stored(gateway):
     device_id, device = await online_device(gateway)
     status, body = await gateway.call(
-        "GET", "/api/v1/devices/remote/{}/snapshot?timeout=0.2".format(device_id)
+        "GET", f"/api/v1/devices/remote/{device_id}/snapshot?timeout=0.2"
     )
     assert (status, body["error"]) == (504, "device_timeout")
     command = await device.frame()
     assert gateway.service.gateway.commands.pending_count() == 0
-    device.send({"type": "snapshot", "id": command["id"], "payload": base64.b64encode(tiny_png()).decode()})
+    device.send(
+        {"type": "snapshot", "id": command["id"], "payload": base64.b64encode(tiny_png()).decode()}
+    )
     ack = await device.frame()
     assert ack["type"] == "ack" and ack["url"]
     await device.close()
@@ -115,7 +122,7 @@ async def test_snapshot_timeout_must_be_sane(gateway, timeout):
 @pytest_twisted.ensureDeferred
 async def test_snapshot_without_an_id_answers_the_oldest_request(gateway):
     device_id, device = await online_device(gateway)
-    path = "/api/v1/devices/remote/{}/snapshot".format(device_id)
+    path = f"/api/v1/devices/remote/{device_id}/snapshot"
     first = ensureDeferred(gateway.call("GET", path))
     first_command = await device.frame()
     second = ensureDeferred(gateway.call("GET", path))
@@ -126,8 +133,13 @@ async def test_snapshot_without_an_id_answers_the_oldest_request(gateway):
     status, body = await first
     assert status == 200 and body["content_type"] == "image/jpeg"
     assert not second.called
-    device.send({"type": "snapshot", "id": second_command["id"],
-                 "payload": base64.b64encode(tiny_png()).decode()})
+    device.send(
+        {
+            "type": "snapshot",
+            "id": second_command["id"],
+            "payload": base64.b64encode(tiny_png()).decode(),
+        }
+    )
     status, body = await second
     assert status == 200 and body["content_type"] == "image/png"
     await device.close()
@@ -136,9 +148,7 @@ async def test_snapshot_without_an_id_answers_the_oldest_request(gateway):
 @pytest_twisted.ensureDeferred
 async def test_device_disconnecting_during_a_snapshot_request_is_504(gateway):
     device_id, device = await online_device(gateway)
-    waiting = ensureDeferred(
-        gateway.call("GET", "/api/v1/devices/remote/{}/snapshot".format(device_id))
-    )
+    waiting = ensureDeferred(gateway.call("GET", f"/api/v1/devices/remote/{device_id}/snapshot"))
     await device.frame()
     await device.drop()
     status, body = await waiting
@@ -148,11 +158,11 @@ async def test_device_disconnecting_during_a_snapshot_request_is_504(gateway):
 @pytest_twisted.ensureDeferred
 async def test_a_device_that_answers_garbage_gets_an_error_and_the_caller_502(gateway):
     device_id, device = await online_device(gateway)
-    waiting = ensureDeferred(
-        gateway.call("GET", "/api/v1/devices/remote/{}/snapshot".format(device_id))
-    )
+    waiting = ensureDeferred(gateway.call("GET", f"/api/v1/devices/remote/{device_id}/snapshot"))
     command = await device.frame()
-    device.send({"type": "snapshot", "id": command["id"], "payload": base64.b64encode(b"text").decode()})
+    device.send(
+        {"type": "snapshot", "id": command["id"], "payload": base64.b64encode(b"text").decode()}
+    )
     assert (await device.frame())["error"] == "not_an_image"
     status, body = await waiting
     assert (status, body["error"]) == (502, "bad_snapshot")
@@ -164,11 +174,19 @@ async def test_api_key_guards_every_route_but_healthz(gateway_factory):
     gateway = await gateway_factory(api_key="s3cret")
     status, _ = await gateway.call("GET", "/healthz", headers={"Authorization": "Bearer nope"})
     assert status == 200
-    for method, path in [("GET", "/api/v1/devices"), ("POST", "/api/v1/devices/register"),
-                         ("POST", "/api/send"), ("GET", "/snapshots/x/y.png")]:
-        status, body = await gateway.call(method, path, {}, headers={"Authorization": "Bearer nope"})
+    for method, path in [
+        ("GET", "/api/v1/devices"),
+        ("POST", "/api/v1/devices/register"),
+        ("POST", "/api/send"),
+        ("GET", "/snapshots/x/y.png"),
+    ]:
+        status, body = await gateway.call(
+            method, path, {}, headers={"Authorization": "Bearer nope"}
+        )
         assert (status, body["error"]) == (401, "unauthorized"), path
-        status, body = await gateway.call(method, path, {}, headers={"Authorization": "Basic czNjcmV0"})
+        status, body = await gateway.call(
+            method, path, {}, headers={"Authorization": "Basic czNjcmV0"}
+        )
         assert status == 401, path
     status, body = await gateway.call("GET", "/api/v1/devices")
     assert status == 200

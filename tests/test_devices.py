@@ -32,17 +32,22 @@ async def test_handshake_refusals_are_plain_http_statuses(gateway):
     port = gateway.ws_port
     assert await handshake_status(port) == 401
     assert await handshake_status(port, "device_id=" + device_id) == 401
-    assert await handshake_status(port, "device_id={}&token=".format(device_id)) == 401
+    assert await handshake_status(port, f"device_id={device_id}&token=") == 401
     assert await handshake_status(port, "device_id=dev_nobody&token=" + token) == 401
-    assert await handshake_status(port, "device_id={}&token=wrong".format(device_id)) == 401
-    assert await handshake_status(port, "device_id={}&token={}".format(device_id, token), path="/other") == 404
+    assert await handshake_status(port, f"device_id={device_id}&token=wrong") == 401
+    assert (
+        await handshake_status(port, f"device_id={device_id}&token={token}", path="/other") == 404
+    )
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_bearer_header_can_carry_the_token(gateway):
     creds = await gateway.register()
     device = await connect_device(
-        gateway.ws_port, creds["device_id"], "", headers={"Authorization": "Bearer " + creds["token"]}
+        gateway.ws_port,
+        creds["device_id"],
+        "",
+        headers={"Authorization": "Bearer " + creds["token"]},
     )
     assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
     await device.close()
@@ -96,7 +101,9 @@ async def test_revoking_closes_the_socket_with_4003_and_refuses_the_credentials(
 @pytest_twisted.ensureDeferred
 async def test_rotating_the_token_retires_the_old_one(gateway):
     creds = await gateway.register()
-    status, body = await gateway.call("POST", "/api/v1/devices/{}/token".format(creds["device_id"]))
+    status, body = await gateway.call(
+        "POST", "/api/v1/devices/{}/token".format(creds["device_id"])
+    )
     assert status == 200 and body["token"] != creds["token"]
     old = "device_id={}&token={}".format(creds["device_id"], creds["token"])
     assert await handshake_status(gateway.ws_port, old) == 401
@@ -153,20 +160,29 @@ async def test_logs_are_acked_once_stored_and_listed_newest_first(gateway):
     device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
     for number in range(3):
         ack = await device.request(
-            {"type": "log", "id": "log-{}".format(number), "payload": {"ad": number, "楼": "上海"}}
+            {"type": "log", "id": f"log-{number}", "payload": {"ad": number, "楼": "上海"}}
         )
-        assert ack == {"type": "ack", "id": "log-{}".format(number)}
+        assert ack == {"type": "ack", "id": f"log-{number}"}
     device.send({"type": "log", "payload": "no id, no ack"})
     assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
     status, body = await gateway.call("GET", "/api/v1/devices/{}/logs".format(creds["device_id"]))
     assert status == 200
     payloads = [entry["payload"] for entry in body["logs"]]
-    assert payloads == ["no id, no ack", {"ad": 2, "楼": "上海"}, {"ad": 1, "楼": "上海"}, {"ad": 0, "楼": "上海"}]
+    assert payloads == [
+        "no id, no ack",
+        {"ad": 2, "楼": "上海"},
+        {"ad": 1, "楼": "上海"},
+        {"ad": 0, "楼": "上海"},
+    ]
     timestamps = [entry["ts"] for entry in body["logs"]]
     assert timestamps == sorted(timestamps, reverse=True)
-    status, body = await gateway.call("GET", "/api/v1/devices/{}/logs?limit=2".format(creds["device_id"]))
+    status, body = await gateway.call(
+        "GET", "/api/v1/devices/{}/logs?limit=2".format(creds["device_id"])
+    )
     assert len(body["logs"]) == 2
-    status, body = await gateway.call("GET", "/api/v1/devices/{}/logs?limit=0".format(creds["device_id"]))
+    status, body = await gateway.call(
+        "GET", "/api/v1/devices/{}/logs?limit=0".format(creds["device_id"])
+    )
     assert (status, body["error"]) == (400, "bad_limit")
     status, body = await gateway.call("GET", "/api/v1/devices/dev_nobody/logs")
     assert status == 404
@@ -179,7 +195,9 @@ async def test_a_log_that_cannot_be_stored_gets_store_unavailable_not_an_ack(gat
     device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
     await gateway.service.store.stop()
     reply = await device.request({"type": "log", "id": "l1", "payload": "lost?"})
-    assert reply["type"] == "error" and reply["error"] == "store_unavailable" and reply["id"] == "l1"
+    assert (
+        reply["type"] == "error" and reply["error"] == "store_unavailable" and reply["id"] == "l1"
+    )
     assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
     await gateway.service.store.start()
     assert (await device.request({"type": "log", "id": "l2", "payload": "kept"}))["type"] == "ack"
@@ -230,7 +248,9 @@ async def test_binary_frame_is_stored_as_a_snapshot(gateway):
     await device.close()
 
 
-@pytest.mark.parametrize("key", ["../elevgw.sqlite3", "..%2Felevgw.sqlite3", "a/../../x.png", "%2e%2e/x.png"])
+@pytest.mark.parametrize(
+    "key", ["../elevgw.sqlite3", "..%2Felevgw.sqlite3", "a/../../x.png", "%2e%2e/x.png"]
+)
 @pytest_twisted.ensureDeferred
 async def test_snapshot_keys_cannot_leave_the_folder(gateway, key):
     status, body = await gateway.call("GET", "/snapshots/" + key)

@@ -33,8 +33,14 @@ async def test_register_connect_snapshot_and_fetch_the_image(gateway):
     assert command["type"] == "command" and command["payload"] == "snapshot"
     assert command["id"].startswith("cmd_")
     png = tiny_png()
-    device.send({"type": "snapshot", "device_id": creds["device_id"], "id": command["id"],
-                 "payload": base64.b64encode(png).decode()})
+    device.send(
+        {
+            "type": "snapshot",
+            "device_id": creds["device_id"],
+            "id": command["id"],
+            "payload": base64.b64encode(png).decode(),
+        }
+    )
     ack = await device.frame()
     assert ack["type"] == "ack" and ack["id"] == command["id"] and ack["url"]
 

@@ -100,7 +100,8 @@ def test_one_failing_session_does_not_stop_the_sweep():
     assert len(registry) == 0
     offline = [s for s in sink.statuses() if s[1] == "offline"]
     assert sorted(offline) == [
-        ("dev_broken", "offline", "timeout"), ("dev_fine", "offline", "timeout")
+        ("dev_broken", "offline", "timeout"),
+        ("dev_fine", "offline", "timeout"),
     ]
 
 
@@ -147,7 +148,7 @@ def test_end_all_closes_every_session_with_1001():
     clock, sink, registry, _ = make_registry()
     connections = [FakeConnection() for _ in range(3)]
     for number, connection in enumerate(connections):
-        registry.attach("dev_{}".format(number), connection)
+        registry.attach(f"dev_{number}", connection)
     assert registry.end_all(events.OFFLINE_SHUTDOWN, CLOSE_GOING_AWAY) == 3
     assert [c.closed_with[0] for c in connections] == [1001] * 3
     assert len(registry) == 0

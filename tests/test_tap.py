@@ -22,7 +22,10 @@ def test_twistd_lists_the_elevgw_plugin(tmp_path):
     assert "elevgw" in names
     result = subprocess.run(
         [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
-        capture_output=True, text=True, timeout=60, cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
     )
     assert "elevgw" in result.stdout, result.stderr
 

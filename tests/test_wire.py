@@ -76,12 +76,21 @@ def test_built_frames_are_the_documented_json():
     assert json.loads(wire.pong_frame(1700000000123)) == {"type": "pong", "ts": 1700000000123}
     assert json.loads(wire.ack_frame("l1")) == {"type": "ack", "id": "l1"}
     assert json.loads(wire.ack_frame("s1", url="http://x/y.png")) == {
-        "type": "ack", "id": "s1", "url": "http://x/y.png"
+        "type": "ack",
+        "id": "s1",
+        "url": "http://x/y.png",
     }
     assert json.loads(wire.error_frame("bad_json", "nope")) == {
-        "type": "error", "error": "bad_json", "detail": "nope"
+        "type": "error",
+        "error": "bad_json",
+        "detail": "nope",
     }
     assert json.loads(wire.command_frame("cmd_1", "REBOOT", {"delay": 5})) == {
-        "type": "command", "id": "cmd_1", "payload": "REBOOT", "data": {"delay": 5}
+        "type": "command",
+        "id": "cmd_1",
+        "payload": "REBOOT",
+        "data": {"delay": 5},
     }
-    assert json.loads(wire.command_frame("cmd_2", "播放", "上海").decode("utf-8"))["data"] == "上海"
+    assert (
+        json.loads(wire.command_frame("cmd_2", "播放", "上海").decode("utf-8"))["data"] == "上海"
+    )

@@ -41,7 +41,7 @@ class TestDevice:
     def _closed_with(self, code, reason):
         self.close_code = code
         if not self._open.called:
-            self._open.errback(ConnectionError("closed before open: {} {}".format(code, reason)))
+            self._open.errback(ConnectionError(f"closed before open: {code} {reason}"))
         if not self.closed.called:
             self.closed.callback((code, reason))
 
@@ -79,8 +79,12 @@ class TestDevice:
 async def connect_device(
     port: int, device_id: str, token: str, path: str = "/ws", headers=None, max_size: int = 0
 ) -> TestDevice:
-    query = urlencode({"device_id": device_id, "token": token}) if token else urlencode({"device_id": device_id})
-    url = "ws://127.0.0.1:{}{}?{}".format(port, path, query)
+    query = (
+        urlencode({"device_id": device_id, "token": token})
+        if token
+        else urlencode({"device_id": device_id})
+    )
+    url = f"ws://127.0.0.1:{port}{path}?{query}"
     device = TestDevice()
     factory = WebSocketClientFactory(url, headers=headers or {})
     factory.protocol = _Protocol

@@ -43,7 +43,7 @@ def _error_for(failure_value: BaseException) -> ApiError | None:
     if isinstance(failure_value, StoreUnavailable):
         return ApiError(503, "store_unavailable", "the device store is unavailable, retry later")
     if isinstance(failure_value, DeviceOffline):
-        return ApiError(404, "device_offline", "device {} is not connected".format(failure_value))
+        return ApiError(404, "device_offline", f"device {failure_value} is not connected")
     if isinstance(failure_value, AnswerTimeout):
         return ApiError(504, "device_timeout", "the device did not answer in time")
     if isinstance(failure_value, DeviceWentOffline):
@@ -64,7 +64,9 @@ class DeviceAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, gateway: Gateway, api_key: str | None = None, metrics_page: Any = None) -> None:
+    def __init__(
+        self, gateway: Gateway, api_key: str | None = None, metrics_page: Any = None
+    ) -> None:
         self.gateway = gateway
         self._api_key = api_key.encode("utf-8") if api_key else None
         self._metrics_page = metrics_page
@@ -76,19 +78,27 @@ class DeviceAPI:
 
     @app.handle_errors(Exception)
     def _handle_error(self, request, failure):
+        error: ApiError | None
         if failure.check(HTTPException):
             exc = failure.value
             error = ApiError(
                 exc.code or 500,
-                "not_found" if exc.code == 404 else "method_not_allowed" if exc.code == 405 else "bad_request",
+                "not_found"
+                if exc.code == 404
+                else "method_not_allowed"
+                if exc.code == 405
+                else "bad_request",
                 exc.description or exc.name,
             )
         else:
             error = _error_for(failure.value)
         if error is None:
-            self.log.failure("API request {method} {path} failed", failure,
-                             method=request.method.decode("ascii", "replace"),
-                             path=request.path.decode("utf-8", "replace"))
+            self.log.failure(
+                "API request {method} {path} failed",
+                failure,
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("utf-8", "replace"),
+            )
             error = ApiError(500, "internal_error", "internal error; the gateway log has details")
         return self._json(request, {"error": error.code, "detail": error.detail}, error.status)
 
@@ -105,15 +115,17 @@ class DeviceAPI:
         scheme, _, key = header.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self._api_key):
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="elevgw"')
-            raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)")
+            raise ApiError(
+                401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)"
+            )
 
     def _body(self, request) -> dict:
         length = request.getHeader(b"content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
-            raise ApiError(413, "body_too_large", "request body over {} bytes".format(MAX_BODY))
+            raise ApiError(413, "body_too_large", f"request body over {MAX_BODY} bytes")
         raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         if len(raw) > MAX_BODY:
-            raise ApiError(413, "body_too_large", "request body over {} bytes".format(MAX_BODY))
+            raise ApiError(413, "body_too_large", f"request body over {MAX_BODY} bytes")
         if not raw.strip():
             raise ApiError(400, "bad_json", "request body must be a JSON object")
         try:
@@ -139,7 +151,7 @@ class DeviceAPI:
     async def _known_device(self, device_id: str) -> Device:
         device = await self.gateway.store.get_device(device_id)
         if device is None:
-            raise ApiError(404, "unknown_device", "no device {}".format(device_id))
+            raise ApiError(404, "unknown_device", f"no device {device_id}")
         return device
 
     # -- health
@@ -152,7 +164,11 @@ class DeviceAPI:
             return self._json(request, {"status": "unavailable", "store": str(e)}, 503)
         return self._json(
             request,
-            {"status": "ok", "node_id": self.gateway.node_id, "sessions": len(self.gateway.registry)},
+            {
+                "status": "ok",
+                "node_id": self.gateway.node_id,
+                "sessions": len(self.gateway.registry),
+            },
         )
 
     @app.route("/metrics", methods=["GET"])
@@ -172,7 +188,7 @@ class DeviceAPI:
         if not isinstance(location, str) or not location.strip():
             raise ApiError(400, "bad_location", "location must be a non-empty string")
         if len(location) > MAX_LOCATION:
-            raise ApiError(400, "bad_location", "location over {} characters".format(MAX_LOCATION))
+            raise ApiError(400, "bad_location", f"location over {MAX_LOCATION} characters")
         token = new_token()
         device = Device(
             device_id=new_device_id(),
@@ -181,8 +197,12 @@ class DeviceAPI:
             created=time.time(),
         )
         await self.gateway.store.add_device(device)
-        self.log.info("device {device_id} registered at {location}", device_id=device.device_id,
-                      location=device.location, event="device_registered")
+        self.log.info(
+            "device {device_id} registered at {location}",
+            device_id=device.device_id,
+            location=device.location,
+            event="device_registered",
+        )
         return self._json(
             request,
             {"device_id": device.device_id, "token": token, "location": device.location},
@@ -204,17 +224,19 @@ class DeviceAPI:
     async def revoke_device(self, request, device_id):
         self._authorize(request)
         if not await self.gateway.store.delete_device(device_id):
-            raise ApiError(404, "unknown_device", "no device {}".format(device_id))
+            raise ApiError(404, "unknown_device", f"no device {device_id}")
         was_online = self.gateway.registry.end_device(device_id, "revoked", CLOSE_REVOKED)
         self.log.info("device {device_id} revoked", device_id=device_id, event="device_revoked")
-        return self._json(request, {"device_id": device_id, "revoked": True, "was_online": was_online})
+        return self._json(
+            request, {"device_id": device_id, "revoked": True, "was_online": was_online}
+        )
 
     @app.route("/api/v1/devices/<device_id>/token", methods=["POST"])
     async def rotate_token(self, request, device_id):
         self._authorize(request)
         token = new_token()
         if not await self.gateway.store.set_token_hash(device_id, hash_token(token)):
-            raise ApiError(404, "unknown_device", "no device {}".format(device_id))
+            raise ApiError(404, "unknown_device", f"no device {device_id}")
         self.log.info("token of {device_id} rotated", device_id=device_id, event="token_rotated")
         return self._json(request, {"device_id": device_id, "token": token})
 
@@ -266,7 +288,7 @@ class DeviceAPI:
         store = self.gateway.snapshots
         found = await store.read(key) if isinstance(store, FileSnapshotStore) else None
         if found is None:
-            raise ApiError(404, "not_found", "no snapshot {}".format(key))
+            raise ApiError(404, "not_found", f"no snapshot {key}")
         data, content_type = found
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         request.setHeader(b"Cache-Control", b"private, max-age=86400, immutable")
@@ -281,10 +303,15 @@ def _int_arg(request, name: bytes, default, low: int, high: int | None):
     try:
         value = int(values[0])
     except ValueError:
-        raise ApiError(400, "bad_" + name.decode(), "{} must be an integer".format(name.decode()))
+        raise ApiError(400, "bad_" + name.decode(), f"{name.decode()} must be an integer")
     if value < low or (high is not None and value > high):
-        raise ApiError(400, "bad_" + name.decode(),
-                       "{} must be between {} and {}".format(name.decode(), low, high if high is not None else "any"))
+        raise ApiError(
+            400,
+            "bad_" + name.decode(),
+            "{} must be between {} and {}".format(
+                name.decode(), low, high if high is not None else "any"
+            ),
+        )
     return value
 
 
@@ -297,6 +324,9 @@ def _float_arg(request, name: bytes, default: float, high: float) -> float:
     except ValueError:
         value = -1.0
     if not (0 < value <= high):
-        raise ApiError(400, "bad_" + name.decode(),
-                       "{} must be a number of seconds in (0, {}]".format(name.decode(), high))
+        raise ApiError(
+            400,
+            "bad_" + name.decode(),
+            f"{name.decode()} must be a number of seconds in (0, {high}]",
+        )
     return value

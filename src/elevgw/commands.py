@@ -85,7 +85,7 @@ class CommandRouter:
         def cancelled(_: Deferred) -> None:
             waiting.pop(command.id, None)
 
-        answer = Deferred(cancelled)
+        answer: Deferred = Deferred(cancelled)
         answer.command = command  # type: ignore[attr-defined]
         waiting[command.id] = answer
         answer.addTimeout(timeout, self._clock, onTimeoutCancel=_as_answer_timeout)
@@ -135,5 +135,5 @@ class CommandRouter:
 
 def _as_answer_timeout(result, timeout):
     if isinstance(getattr(result, "value", None), (CancelledError, TimeoutError)):
-        raise AnswerTimeout("no answer within {} s".format(timeout))
+        raise AnswerTimeout(f"no answer within {timeout} s")
     return result

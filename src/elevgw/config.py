@@ -10,7 +10,7 @@ import attrs
 
 
 def default_node_id() -> str:
-    return "{}-{}".format(socket.gethostname(), os.getpid())
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 @attrs.frozen

@@ -44,7 +44,9 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request):
         if request.path != WS_PATH:
-            raise ConnectionDeny(404, "no WebSocket at {}; devices connect to {}".format(request.path, WS_PATH))
+            raise ConnectionDeny(
+                404, f"no WebSocket at {request.path}; devices connect to {WS_PATH}"
+            )
         device_id, token = credentials(request)
         if not device_id or not token:
             raise ConnectionDeny(401, "device_id and token are required")
@@ -81,7 +83,7 @@ class DeviceProtocol(WebSocketServerProtocol):
         super().connectionMade()
         self.factory.open_connections.add(self)
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason=None):  # type: ignore[override]
         self._lost = True
         super().connectionLost(reason)
         self.factory.connection_gone(self)
@@ -142,4 +144,4 @@ class DeviceFactory(WebSocketServerFactory):
         """Drop whatever connection did not finish its close handshake in time."""
         for protocol in list(self.open_connections):
             if protocol.transport is not None:
-                protocol.transport.abortConnection()
+                protocol.transport.abortConnection()  # type: ignore[attr-defined]

@@ -141,13 +141,17 @@ class Gateway:
                 detail = "log not stored: device store unavailable, send it again later"
                 code = wire.STORE_UNAVAILABLE
             else:
-                self.log.failure("storing a log of {device_id} failed", failure, device_id=session.device_id)
+                self.log.failure(
+                    "storing a log of {device_id} failed", failure, device_id=session.device_id
+                )
                 detail, code = "log not stored", wire.INTERNAL_ERROR
             session.send_frame(wire.error_frame(code, detail, frame.id))
 
         d.addCallbacks(stored, failed)
 
-    def _snapshot_received(self, session: DeviceSession, image: bytes, frame_id: str | None) -> None:
+    def _snapshot_received(
+        self, session: DeviceSession, image: bytes, frame_id: str | None
+    ) -> None:
         device_id = session.device_id
         waiter = self.commands.claim(device_id, frame_id)
         request_id = getattr(waiter, "command", None)
@@ -181,8 +185,10 @@ class Gateway:
             session.send_frame(
                 wire.error_frame(wire.SNAPSHOT_FAILED, "snapshot could not be stored", frame_id)
             )
-            error = failure.value if failure.check(SnapshotStoreError) else SnapshotStoreError(
-                failure.getErrorMessage()
+            error = (
+                failure.value
+                if failure.check(SnapshotStoreError)
+                else SnapshotStoreError(failure.getErrorMessage())
             )
             _settle(waiter, error=error)
 

@@ -40,7 +40,7 @@ def make_store(spec: str, reactor: Any) -> IDeviceStore:
         if not path:
             raise ConfigError("--store sqlite: needs a file path, e.g. sqlite:elevgw.sqlite3")
         return SQLiteStore(path)
-    raise ConfigError("--store must be sqlite:PATH or redis://host:port/db, not {!r}".format(spec))
+    raise ConfigError(f"--store must be sqlite:PATH or redis://host:port/db, not {spec!r}")
 
 
 class GatewayService(MultiService):
@@ -62,7 +62,9 @@ class GatewayService(MultiService):
             heartbeat_timeout=settings.heartbeat_timeout,
             node_id=settings.node_id,
         )
-        self.device_factory = DeviceFactory(self.gateway, settings.max_message_size, reactor=reactor)
+        self.device_factory = DeviceFactory(
+            self.gateway, settings.max_message_size, reactor=reactor
+        )
         self.api = DeviceAPI(self.gateway, api_key=settings.api_key)
         site = Site(self.api.resource())
         site.displayTracebacks = False
@@ -81,7 +83,7 @@ class GatewayService(MultiService):
             if not path:
                 raise ConfigError("--snapshots file: needs a folder, e.g. file:snapshots")
             return FileSnapshotStore(path, self.public_url, self.reactor, self.threadpool)
-        raise ConfigError("--snapshots must be file:PATH or oss://BUCKET, not {!r}".format(spec))
+        raise ConfigError(f"--snapshots must be file:PATH or oss://BUCKET, not {spec!r}")
 
     def public_url(self) -> str:
         if self.settings.public_url:
@@ -91,7 +93,7 @@ class GatewayService(MultiService):
         if host in ("0.0.0.0", "::", ""):
             host = os.uname().nodename
         if ":" in host:
-            host = "[{}]".format(host)
+            host = f"[{host}]"
         return "http://{}:{}".format(host, getattr(address, "port", 8000))
 
     def ws_port(self) -> int:
@@ -138,7 +140,11 @@ class GatewayService(MultiService):
             self.log.info("draining: closed {count} device sessions (1001)", count=count)
         await _within(closing, self.settings.drain_timeout / 2, self.reactor)
         self.device_factory.abort_all()
-        await _within(self.event_sink.drain(self.settings.drain_timeout / 2), self.settings.drain_timeout / 2, self.reactor)
+        await _within(
+            self.event_sink.drain(self.settings.drain_timeout / 2),
+            self.settings.drain_timeout / 2,
+            self.reactor,
+        )
 
     def stopService(self) -> Deferred:
         d = Deferred.fromCoroutine(self._drain())
@@ -159,7 +165,11 @@ class GatewayService(MultiService):
 def _within(d: Deferred, seconds: float, clock: Any) -> Deferred:
     """``d``, but fired with ``None`` after ``seconds`` at the latest (and never failing)."""
     done: Deferred = Deferred()
-    timer = clock.callLater(seconds, lambda: done.called or done.callback(None))
+    def expire() -> None:
+        if not done.called:
+            done.callback(None)
+
+    timer = clock.callLater(seconds, expire)
 
     def finished(_):
         if timer.active():

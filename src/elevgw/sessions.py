@@ -177,7 +177,9 @@ class SessionRegistry:
             try:
                 callback(session, reason)
             except Exception:
-                self.log.failure("session-ended hook failed for {device_id}", device_id=session.device_id)
+                self.log.failure(
+                    "session-ended hook failed for {device_id}", device_id=session.device_id
+                )
 
 
 def _close_quietly(session: DeviceSession, code: int, reason: str) -> None:

@@ -49,7 +49,7 @@ def _create_schema(transaction) -> None:
 
 def _unavailable(failure):
     if failure.check(sqlite3.Error):
-        raise StoreUnavailable("sqlite: {}".format(failure.value))
+        raise StoreUnavailable(f"sqlite: {failure.value}")
     return failure
 
 
@@ -174,4 +174,6 @@ class SQLiteStore:
                 before,
                 limit,
             )
-        return d.addCallback(lambda rows: [LogEntry(ts=r[0], payload=json.loads(r[1])) for r in rows])
+        return d.addCallback(
+            lambda rows: [LogEntry(ts=r[0], payload=json.loads(r[1])) for r in rows]
+        )

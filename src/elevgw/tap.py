@@ -21,9 +21,9 @@ def _positive_float(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise ValueError("not a number: {!r}".format(value))
+        raise ValueError(f"not a number: {value!r}")
     if not number > 0:
-        raise ValueError("must be greater than 0: {!r}".format(value))
+        raise ValueError(f"must be greater than 0: {value!r}")
     return number
 
 
@@ -34,9 +34,9 @@ def _positive_int(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise ValueError("not a whole number: {!r}".format(value))
+        raise ValueError(f"not a whole number: {value!r}")
     if number <= 0:
-        raise ValueError("must be greater than 0: {!r}".format(value))
+        raise ValueError(f"must be greater than 0: {value!r}")
     return number
 
 
@@ -70,18 +70,61 @@ class Options(usage.Options):
 
     optParameters: list[list[Any]] = [
         ["ws-endpoint", None, "tcp:8080", "Device WebSocket listener (Twisted endpoint string)."],
-        ["api-endpoint", None, "tcp:8000:interface=127.0.0.1", "Backend API listener (endpoint string)."],
-        ["store", None, "sqlite:elevgw.sqlite3", "Device store: sqlite:PATH or redis://host:port/db."],
+        [
+            "api-endpoint",
+            None,
+            "tcp:8000:interface=127.0.0.1",
+            "Backend API listener (endpoint string).",
+        ],
+        [
+            "store",
+            None,
+            "sqlite:elevgw.sqlite3",
+            "Device store: sqlite:PATH or redis://host:port/db.",
+        ],
         ["snapshots", None, "file:snapshots", "Snapshot store: file:FOLDER or oss://BUCKET."],
-        ["public-url", None, None, "Base URL put in front of /snapshots/... (default: the API's address)."],
+        [
+            "public-url",
+            None,
+            None,
+            "Base URL put in front of /snapshots/... (default: the API's address).",
+        ],
         ["backend-url", None, None, "Backend base URL for webhooks (default: webhooks off)."],
         ["api-key", None, None, "Bearer key the API requires (prefer ELEVGW_API_KEY)."],
-        ["webhook-secret", None, None, "HMAC key for webhook signatures (prefer ELEVGW_WEBHOOK_SECRET)."],
-        ["heartbeat-timeout", None, 30.0, "Close sessions silent for this many seconds.", _positive_float],
+        [
+            "webhook-secret",
+            None,
+            None,
+            "HMAC key for webhook signatures (prefer ELEVGW_WEBHOOK_SECRET).",
+        ],
+        [
+            "heartbeat-timeout",
+            None,
+            30.0,
+            "Close sessions silent for this many seconds.",
+            _positive_float,
+        ],
         ["sweep-interval", None, 10.0, "Seconds between liveness sweeps.", _positive_float],
-        ["max-message-size", None, 8388608, "Largest device frame in bytes (over: close 1009).", _positive_int],
-        ["node-id", None, None, "This node's name in logs and presence (default: host name + pid)."],
-        ["drain-timeout", None, 10.0, "Seconds SIGTERM waits for sockets and webhooks.", _positive_float],
+        [
+            "max-message-size",
+            None,
+            8388608,
+            "Largest device frame in bytes (over: close 1009).",
+            _positive_int,
+        ],
+        [
+            "node-id",
+            None,
+            None,
+            "This node's name in logs and presence (default: host name + pid).",
+        ],
+        [
+            "drain-timeout",
+            None,
+            10.0,
+            "Seconds SIGTERM waits for sockets and webhooks.",
+            _positive_float,
+        ],
     ]
 
     def parseOptions(self, options=None):
@@ -94,7 +137,7 @@ class Options(usage.Options):
             name = entry[0]
             value = os.environ.get("ELEVGW_" + name.upper().replace("-", "_"))
             if value:
-                args.append("--{}={}".format(name, value))
+                args.append(f"--{name}={value}")
         return args
 
     def postOptions(self) -> None:
@@ -105,7 +148,7 @@ class Options(usage.Options):
             if url is not None:
                 parts = urlsplit(url)
                 if parts.scheme not in ("http", "https") or not parts.netloc:
-                    raise usage.UsageError("--{} must be an http(s):// URL, not {!r}".format(name, url))
+                    raise usage.UsageError(f"--{name} must be an http(s):// URL, not {url!r}")
         if not is_loopback_endpoint(self["api-endpoint"]) and not self["api-key"]:
             raise usage.UsageError(
                 "the API on {!r} is reachable from other hosts: set ELEVGW_API_KEY (or --api-key), "

@@ -67,12 +67,12 @@ def parse_frame(data: bytes, device_id: str) -> Frame:
     except UnicodeDecodeError:
         raise FrameError(BAD_JSON, "frame is not valid UTF-8")
     except ValueError as e:
-        raise FrameError(BAD_JSON, "frame is not valid JSON: {}".format(e))
+        raise FrameError(BAD_JSON, f"frame is not valid JSON: {e}")
     if not isinstance(value, dict):
         raise FrameError(NOT_AN_OBJECT, "frame must be a JSON object")
     frame_id = value.get("id")
     if frame_id is not None and (not isinstance(frame_id, str) or len(frame_id) > _MAX_ID_LENGTH):
-        raise FrameError(BAD_ID, "id must be a string of at most {} characters".format(_MAX_ID_LENGTH))
+        raise FrameError(BAD_ID, f"id must be a string of at most {_MAX_ID_LENGTH} characters")
     frame_type = value.get("type")
     if frame_type is None:
         raise FrameError(MISSING_TYPE, "frame has no type", frame_id)
@@ -87,7 +87,9 @@ def parse_frame(data: bytes, device_id: str) -> Frame:
     claimed = value.get("device_id")
     if claimed is not None and claimed != device_id:
         raise FrameError(
-            DEVICE_MISMATCH, "device_id {!r} is not this session's device".format(claimed), frame_id
+            DEVICE_MISMATCH,
+            f"device_id {claimed!r} is not this session's device",
+            frame_id,
         )
     return Frame(type=frame_type, payload=value.get("payload"), id=frame_id)
 
