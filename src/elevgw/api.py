@@ -14,6 +14,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
 from elevgw import wire
@@ -60,16 +61,21 @@ def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else int(seconds * 1000)
 
 
+_SNAPSHOT_OUTCOMES = {
+    "device_offline": "offline",
+    "device_timeout": "timeout",
+    "device_disconnected": "disconnected",
+}
+
+
 class DeviceAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(
-        self, gateway: Gateway, api_key: str | None = None, metrics_page: Any = None
-    ) -> None:
+    def __init__(self, gateway: Gateway, api_key: str | None = None) -> None:
         self.gateway = gateway
         self._api_key = api_key.encode("utf-8") if api_key else None
-        self._metrics_page = metrics_page
+        self.draining = False
 
     def resource(self):
         return self.app.resource()
@@ -171,12 +177,23 @@ class DeviceAPI:
             },
         )
 
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request):
+        """Ready for new devices: the store answers and the node is not draining.
+
+        Point a load balancer's health check here so SIGTERM takes a node out of rotation
+        before its sockets close; keep ``/healthz`` for liveness.
+        """
+        if self.draining:
+            return self._json(request, {"status": "draining"}, 503)
+        return await self.healthz(request)
+
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request):
         self._authorize(request)
-        if self._metrics_page is None:
-            raise ApiError(404, "not_found", "metrics are not enabled")
-        return self._metrics_page(request)
+        body, content_type = self.gateway.metrics.render()
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        return body
 
     # -- devices
 
@@ -268,7 +285,17 @@ class DeviceAPI:
     async def snapshot(self, request, device_id):
         self._authorize(request)
         timeout = _float_arg(request, b"timeout", 10.0, MAX_SNAPSHOT_TIMEOUT)
-        snapshot = await self.gateway.commands.request(device_id, SNAPSHOT_COMMAND, None, timeout)
+        outcomes = self.gateway.metrics.snapshot_requests
+        try:
+            snapshot = await self.gateway.commands.request(
+                device_id, SNAPSHOT_COMMAND, None, timeout
+            )
+        except Exception as e:
+            error = _error_for(e)
+            outcome = _SNAPSHOT_OUTCOMES.get(error.code, "failed") if error else "failed"
+            outcomes.labels(outcome).inc()
+            raise
+        outcomes.labels("ok").inc()
         return self._json(
             request,
             {
@@ -330,3 +357,33 @@ def _float_arg(request, name: bytes, default: float, high: float) -> float:
             f"{name.decode()} must be a number of seconds in (0, {high}]",
         )
     return value
+
+
+class APIRequest(Request):
+    """A request that remembers when it arrived, for the latency metric."""
+
+    started = 0.0
+
+    def process(self) -> None:
+        self.started = self.channel.site.clock.seconds()  # type: ignore[attr-defined]
+        super().process()
+
+
+class APISite(Site):
+    """The API's ``Site``: counts requests and latency instead of writing an access log line
+    per request (at hundreds of commands a second that log would cost more than the call)."""
+
+    requestFactory = APIRequest
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, api: DeviceAPI, clock: Any) -> None:
+        super().__init__(api.resource())
+        self.clock = clock
+        metrics = api.gateway.metrics
+        self._requests = metrics.api_requests
+        self._seconds = metrics.api_seconds
+
+    def log(self, request: Any) -> None:
+        self._seconds.observe(self.clock.seconds() - request.started)
+        self._requests.labels(request.method.decode("ascii", "replace"), str(request.code)).inc()

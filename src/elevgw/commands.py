@@ -50,7 +50,8 @@ def new_command_id() -> str:
 class CommandRouter:
     log = Logger()
 
-    def __init__(self, registry: SessionRegistry, clock: Any) -> None:
+    def __init__(self, registry: SessionRegistry, clock: Any, metrics: Any = None) -> None:
+        self._metrics = metrics
         self._registry = registry
         self._clock = clock
         # device_id -> OrderedDict(command_id -> Deferred), oldest first
@@ -61,9 +62,14 @@ class CommandRouter:
         """Write a command frame to the device's session; raise ``DeviceOffline`` if it has none."""
         session = self._registry.get(device_id)
         if session is None:
+            if self._metrics is not None:
+                self._metrics.commands.labels("offline").inc()
             raise DeviceOffline(device_id)
         command = Command(new_command_id(), device_id, name, data)
         session.send_frame(wire.command_frame(command.id, name, data))
+        if self._metrics is not None:
+            self._metrics.commands.labels("sent").inc()
+            self._metrics.frame_out["command"].inc()
         self.log.info(
             "command {command_id} {name} sent to {device_id}",
             command_id=command.id,

@@ -41,25 +41,33 @@ class DeviceProtocol(WebSocketServerProtocol):
     session = None
     _device_id: str | None = None
     _lost = False
+    _closed_by_gateway = False
 
     def onConnect(self, request):
+        handshake = self.factory.gateway.metrics.handshake
         if request.path != WS_PATH:
+            handshake["refused"].inc()
             raise ConnectionDeny(
                 404, f"no WebSocket at {request.path}; devices connect to {WS_PATH}"
             )
         device_id, token = credentials(request)
         if not device_id or not token:
+            handshake["unauthorized"].inc()
             raise ConnectionDeny(401, "device_id and token are required")
         d = self.factory.gateway.authenticate(device_id, token)
 
         def admitted(device):
             if self._lost:
+                handshake["refused"].inc()
                 raise ConnectionDeny(400, "connection closed during the handshake")
+            handshake["accepted"].inc()
             self._device_id = device.device_id
 
         def refused(failure):
             failure.trap(HandshakeRefused)
-            raise ConnectionDeny(failure.value.status, failure.value.reason)
+            status = failure.value.status
+            handshake["unauthorized" if status == 401 else "unavailable"].inc()
+            raise ConnectionDeny(status, failure.value.reason)
 
         return d.addCallbacks(admitted, refused)
 
@@ -77,6 +85,11 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason):
         if self.session is not None:
+            if self.wasMaxMessagePayloadSizeExceeded or self.wasMaxFramePayloadSizeExceeded:
+                code = 1009
+            if not self._closed_by_gateway:
+                # Autobahn's 1009, or the device closed (its code) or vanished (1006).
+                self.factory.gateway.metrics.closes.labels(str(code or 1006)).inc()
             self.factory.gateway.disconnected(self.session)
 
     def connectionMade(self):
@@ -94,6 +107,11 @@ class DeviceProtocol(WebSocketServerProtocol):
         self.sendMessage(data, isBinary=False)
 
     def close(self, code: int, reason: str) -> None:
+        """Close with ``code``; ``elevgw_closes_total`` counts the code the gateway chose,
+        not what the device echoes back."""
+        if not self._closed_by_gateway:
+            self._closed_by_gateway = True
+            self.factory.gateway.metrics.closes.labels(str(code)).inc()
         if code == 1000 or 3000 <= code <= 4999:
             self.sendClose(code, reason)
         else:
@@ -104,6 +122,7 @@ class DeviceProtocol(WebSocketServerProtocol):
 
 class DeviceFactory(WebSocketServerFactory):
     protocol = DeviceProtocol
+    noisy = False
 
     def __init__(self, gateway: Gateway, max_message_size: int, reactor: Any = None) -> None:
         super().__init__(reactor=reactor)

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from elevgw import events, wire
 from elevgw.commands import CommandRouter
+from elevgw.metrics import Metrics
 from elevgw.sessions import DeviceSession, SessionRegistry
 from elevgw.snapshots import ISnapshotStore, SnapshotStoreError
 from elevgw.store import IDeviceStore, LogEntry, StoreUnavailable, token_matches
@@ -42,16 +43,25 @@ class Gateway:
         clock: Any,
         heartbeat_timeout: float = 30.0,
         node_id: str = "elevgw",
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics = metrics if metrics is not None else Metrics(node_id)
         self.store = store
         self.snapshots = snapshots
         self.events = event_sink
         self.clock = clock
         self.node_id = node_id
         self.registry = SessionRegistry(
-            clock, event_sink, heartbeat_timeout, record_last_seen=self._record_last_seen
+            clock,
+            event_sink,
+            heartbeat_timeout,
+            record_last_seen=self._record_last_seen,
+            metrics=metrics,
         )
-        self.commands = CommandRouter(self.registry, clock)
+        self.commands = CommandRouter(self.registry, clock, metrics)
+        self._frame_in = metrics.frame_in
+        self._frame_out = metrics.frame_out
+        metrics.watch_sessions(self.registry.__len__)
 
     # -- admission
 
@@ -96,11 +106,14 @@ class Gateway:
         try:
             frame = wire.parse_frame(data, session.device_id)
         except wire.FrameError as e:
+            self._frame_in["invalid"].inc()
             self._frame_error(session, e)
             return
         kind = frame.type
+        self._frame_in[kind].inc()
         if kind == wire.HEARTBEAT:
             session.send_frame(wire.pong_frame(int(now * 1000)))
+            self._frame_out["pong"].inc()
         elif kind == wire.LOG:
             self._log_received(session, frame, now)
         elif kind == wire.SNAPSHOT:
@@ -116,6 +129,7 @@ class Gateway:
     def binary_received(self, session: DeviceSession, data: bytes) -> None:
         """A binary frame is a snapshot's raw image (the cheap path: no base64, no JSON)."""
         session.last_active = self.clock.seconds()
+        self._frame_in["binary"].inc()
         self._snapshot_received(session, data, None)
 
     def _frame_error(self, session: DeviceSession, error: wire.FrameError) -> None:
@@ -126,7 +140,12 @@ class Gateway:
             detail=error.detail,
             event="frame_error",
         )
-        session.send_frame(wire.error_frame(error.code, error.detail, error.frame_id))
+        self._send_error(session, error.code, error.detail, error.frame_id)
+
+    def _send_error(self, session: DeviceSession, code: str, detail: str, frame_id: Any) -> None:
+        session.send_frame(wire.error_frame(code, detail, frame_id))
+        self._frame_out["error"].inc()
+        self.metrics.frame_errors.labels(code).inc()
 
     def _log_received(self, session: DeviceSession, frame: wire.Frame, now: float) -> None:
         entry = LogEntry(ts=int(now * 1000), payload=frame.payload)
@@ -135,6 +154,7 @@ class Gateway:
         def stored(_):
             if frame.id is not None:
                 session.send_frame(wire.ack_frame(frame.id))
+                self._frame_out["ack"].inc()
 
         def failed(failure):
             if failure.check(StoreUnavailable):
@@ -145,7 +165,7 @@ class Gateway:
                     "storing a log of {device_id} failed", failure, device_id=session.device_id
                 )
                 detail, code = "log not stored", wire.INTERNAL_ERROR
-            session.send_frame(wire.error_frame(code, detail, frame.id))
+            self._send_error(session, code, detail, frame.id)
 
         d.addCallbacks(stored, failed)
 
@@ -153,6 +173,7 @@ class Gateway:
         self, session: DeviceSession, image: bytes, frame_id: str | None
     ) -> None:
         device_id = session.device_id
+        started = self.clock.seconds()
         waiter = self.commands.claim(device_id, frame_id)
         request_id = getattr(waiter, "command", None)
         request_id = request_id.id if request_id is not None else frame_id
@@ -165,6 +186,10 @@ class Gateway:
             return
 
         def stored(snapshot):
+            self.metrics.snapshot_store_seconds.labels("ok").observe(
+                self.clock.seconds() - started
+            )
+            self.metrics.snapshot_bytes.observe(snapshot.size)
             self.log.info(
                 "snapshot from {device_id} stored: {size} bytes at {url}",
                 device_id=device_id,
@@ -173,17 +198,21 @@ class Gateway:
                 event="snapshot_stored",
             )
             session.send_frame(wire.ack_frame(frame_id, url=snapshot.url))
+            self._frame_out["ack"].inc()
             _settle(waiter, result=snapshot)
             self.events.emit(
                 events.SnapshotReady(device_id, snapshot.url, request_id, snapshot.taken_at)
             )
 
         def failed(failure):
+            self.metrics.snapshot_store_seconds.labels("failed").observe(
+                self.clock.seconds() - started
+            )
             self.log.failure(
                 "storing a snapshot of {device_id} failed", failure, device_id=device_id
             )
-            session.send_frame(
-                wire.error_frame(wire.SNAPSHOT_FAILED, "snapshot could not be stored", frame_id)
+            self._send_error(
+                session, wire.SNAPSHOT_FAILED, "snapshot could not be stored", frame_id
             )
             error = (
                 failure.value
@@ -207,7 +236,11 @@ class Gateway:
     # -- housekeeping
 
     def sweep(self) -> int:
-        return self.registry.sweep()
+        started = self.clock.seconds()
+        try:
+            return self.registry.sweep()
+        finally:
+            self.metrics.sweep_seconds.observe(self.clock.seconds() - started)
 
     def _record_last_seen(self, seen: dict) -> None:
         d = self.store.record_last_seen(seen)

@@ -16,14 +16,14 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
 
 from elevgw import events
-from elevgw.api import DeviceAPI
+from elevgw.api import APISite, DeviceAPI
 from elevgw.config import Settings
 from elevgw.device_ws import DeviceFactory
 from elevgw.gateway import Gateway
 from elevgw.listener import Listener
+from elevgw.metrics import MeasuredStore, Metrics
 from elevgw.sessions import CLOSE_GOING_AWAY
 from elevgw.snapshots import FileSnapshotStore
 from elevgw.store import IDeviceStore
@@ -51,7 +51,8 @@ class GatewayService(MultiService):
         self.settings = settings
         self.reactor = reactor
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="elevgw-files")
-        self.store = make_store(settings.store, reactor)
+        self.metrics = Metrics(settings.node_id)
+        self.store = MeasuredStore(make_store(settings.store, reactor), self.metrics, reactor)
         self.snapshots = self._make_snapshot_store(settings.snapshots)
         self.event_sink: events.IEventSink = events.NullSink()
         self.gateway = Gateway(
@@ -61,14 +62,13 @@ class GatewayService(MultiService):
             clock=reactor,
             heartbeat_timeout=settings.heartbeat_timeout,
             node_id=settings.node_id,
+            metrics=self.metrics,
         )
         self.device_factory = DeviceFactory(
             self.gateway, settings.max_message_size, reactor=reactor
         )
         self.api = DeviceAPI(self.gateway, api_key=settings.api_key)
-        site = Site(self.api.resource())
-        site.displayTracebacks = False
-        site.noisy = False
+        site = APISite(self.api, reactor)
         self.ws_listener = Listener(reactor, settings.ws_endpoint, self.device_factory)
         self.api_listener = Listener(reactor, settings.api_endpoint, site)
         self.ws_listener.setServiceParent(self)
@@ -133,6 +133,7 @@ class GatewayService(MultiService):
             self.log.failure("sweep failed")
 
     async def _drain(self) -> None:
+        self.api.draining = True
         await self.ws_listener.stopService()
         closing = self.device_factory.connections_closed()
         count = self.gateway.registry.end_all(events.OFFLINE_SHUTDOWN, CLOSE_GOING_AWAY)
@@ -165,6 +166,7 @@ class GatewayService(MultiService):
 def _within(d: Deferred, seconds: float, clock: Any) -> Deferred:
     """``d``, but fired with ``None`` after ``seconds`` at the latest (and never failing)."""
     done: Deferred = Deferred()
+
     def expire() -> None:
         if not done.called:
             done.callback(None)

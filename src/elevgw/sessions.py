@@ -58,7 +58,9 @@ class SessionRegistry:
         event_sink: events.IEventSink,
         heartbeat_timeout: float,
         record_last_seen: Any = None,
+        metrics: Any = None,
     ) -> None:
+        self._metrics = metrics
         self._clock = clock
         self._events = event_sink
         self.heartbeat_timeout = heartbeat_timeout
@@ -90,6 +92,8 @@ class SessionRegistry:
         else:
             reason = events.ONLINE_TAKEOVER
             self.takeovers += 1
+            if self._metrics is not None:
+                self._metrics.takeovers.inc()
             old.ended = True
             self._ended(old, events.ONLINE_TAKEOVER)
             self.log.warn(
@@ -119,6 +123,8 @@ class SessionRegistry:
         if self._sessions.get(session.device_id) is session:
             del self._sessions[session.device_id]
         self._ended(session, reason)
+        if self._metrics is not None:
+            self._metrics.offline.labels(reason).inc()
         if self._record_last_seen is not None:
             self._record_last_seen({session.device_id: session.last_active})
         self.log.info(

@@ -176,8 +176,10 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
+    from elevgw import logs
     from elevgw.service import ConfigError, GatewayService
 
+    logs.node_id = options["node-id"]
     try:
         return GatewayService(options.settings(), reactor)
     except ConfigError as e:

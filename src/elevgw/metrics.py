@@ -1,0 +1,210 @@
+"""Prometheus metrics of one gateway, served at ``/metrics``.
+
+Each ``GatewayService`` gets its own ``CollectorRegistry`` (tests run several gateways in one
+process). Label values are bound once, here, so the hot path (a heartbeat) costs one
+pre-bound ``inc()`` and never formats a label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from zope.interface import implementer
+
+from elevgw import __version__, wire
+from elevgw.store import IDeviceStore
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SIZE_BUCKETS = (1024, 8192, 32768, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608)
+
+FRAME_IN_TYPES = (*sorted(wire.FRAME_TYPES), "binary", "invalid")
+FRAME_OUT_TYPES = ("pong", "ack", "error", "command")
+HANDSHAKE_OUTCOMES = ("accepted", "unauthorized", "unavailable", "refused")
+
+
+class Metrics:
+    def __init__(self, node_id: str = "") -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        Gauge(
+            "elevgw_info",
+            "Gateway version and node id.",
+            ["version", "node_id"],
+            registry=registry,
+        ).labels(__version__, node_id).set(1)
+        self.sessions = Gauge(
+            "elevgw_sessions", "Device sessions connected to this node.", registry=registry
+        )
+        self.handshakes = Counter(
+            "elevgw_handshakes",
+            "Device WebSocket handshakes by outcome (unauthorized=401, unavailable=503).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.handshake = {o: self.handshakes.labels(o) for o in HANDSHAKE_OUTCOMES}
+        frames_in = Counter(
+            "elevgw_frames_in",
+            "Frames received from devices by type.",
+            ["type"],
+            registry=registry,
+        )
+        self.frame_in = {t: frames_in.labels(t) for t in FRAME_IN_TYPES}
+        frames_out = Counter(
+            "elevgw_frames_out", "Frames sent to devices by type.", ["type"], registry=registry
+        )
+        self.frame_out = {t: frames_out.labels(t) for t in FRAME_OUT_TYPES}
+        self.frame_errors = Counter(
+            "elevgw_frame_errors",
+            "Error frames sent to devices by error code.",
+            ["code"],
+            registry=registry,
+        )
+        self.closes = Counter(
+            "elevgw_closes",
+            "Device sockets closed, by WebSocket close code (1006: dropped without a close).",
+            ["code"],
+            registry=registry,
+        )
+        self.offline = Counter(
+            "elevgw_offline",
+            "Sessions that ended with an offline event, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.takeovers = Counter(
+            "elevgw_takeovers",
+            "Sessions taken over by a newer connection of the same device (4001).",
+            registry=registry,
+        )
+        self.commands = Counter(
+            "elevgw_commands",
+            "Commands from the API by outcome (sent, offline).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.snapshot_requests = Counter(
+            "elevgw_snapshot_requests",
+            "Snapshot API requests by outcome (ok, offline, timeout, disconnected, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.snapshot_bytes = Histogram(
+            "elevgw_snapshot_bytes",
+            "Size of stored snapshots.",
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.snapshot_store_seconds = Histogram(
+            "elevgw_snapshot_store_seconds",
+            "Time to store one snapshot (upload latency), by outcome.",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.store_seconds = Histogram(
+            "elevgw_store_seconds",
+            "Device store call latency by operation.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "elevgw_store_errors",
+            "Device store calls that failed, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.sweep_seconds = Histogram(
+            "elevgw_sweep_seconds",
+            "Duration of one liveness sweep.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "elevgw_api_requests",
+            "Northbound API requests by method and status.",
+            ["method", "status"],
+            registry=registry,
+        )
+        self.api_seconds = Histogram(
+            "elevgw_api_seconds",
+            "Northbound API request latency.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.webhooks = Counter(
+            "elevgw_webhook_deliveries",
+            "Webhook deliveries by outcome (delivered, retried, rejected, failed, dropped).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.webhook_seconds = Histogram(
+            "elevgw_webhook_seconds",
+            "Webhook request latency (one attempt).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.webhook_queue = Gauge(
+            "elevgw_webhook_queue", "Webhook events waiting for delivery.", registry=registry
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+    def watch_sessions(self, count: Any) -> None:
+        """Read the session gauge from ``count()`` at scrape time (nothing per connect)."""
+        self.sessions.set_function(count)
+
+
+STORE_OPERATIONS = (
+    "ping",
+    "add_device",
+    "get_device",
+    "list_devices",
+    "delete_device",
+    "set_token_hash",
+    "record_last_seen",
+    "append_log",
+    "get_logs",
+)
+
+
+@implementer(IDeviceStore)
+class MeasuredStore:
+    """Wraps a device store so every call's latency and failures reach the metrics.
+
+    It forwards everything else (``start``, ``stop``, ``name``, implementation extras) as is,
+    so the gateway holds one store object whichever implementation is behind it.
+    """
+
+    def __init__(self, store: Any, metrics: Metrics, clock: Any) -> None:
+        self.wrapped = store
+        self._clock = clock
+        for operation in STORE_OPERATIONS:
+            setattr(self, operation, self._measured(operation, metrics))
+
+    def _measured(self, operation: str, metrics: Metrics) -> Any:
+        call = getattr(self.wrapped, operation)
+        seconds = metrics.store_seconds.labels(operation)
+        errors = metrics.store_errors.labels(operation)
+        clock = self._clock
+
+        def measured(*args: Any, **kwargs: Any) -> Any:
+            started = clock.seconds()
+
+            def done(result: Any) -> Any:
+                seconds.observe(clock.seconds() - started)
+                return result
+
+            def failed(failure: Any) -> Any:
+                errors.inc()
+                return failure
+
+            return call(*args, **kwargs).addCallbacks(done, failed)
+
+        return measured
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
