@@ -160,3 +160,41 @@ def test_event_timestamps_are_epoch_milliseconds_of_the_clock():
     clock.advance(0.25)
     registry.attach("dev_a", FakeConnection())
     assert sink.events[0].ts == 1_700_000_000_250
+
+
+def test_handshakes_beyond_the_pending_limit_get_a_quick_503():
+    from twisted.internet.defer import Deferred
+
+    from elevgw.gateway import Gateway, HandshakeRefused
+    from elevgw.store import Device, hash_token
+
+    class SlowStore:
+        """A store whose lookups answer only when the test says so."""
+
+        def __init__(self):
+            self.waiting = []
+
+        def get_device(self, device_id):
+            d = Deferred()
+            self.waiting.append(d)
+            return d
+
+    store = SlowStore()
+    clock = Clock()
+    gateway = Gateway(store, None, RecordingSink(), clock, max_pending_handshakes=2)
+    first = gateway.authenticate("dev_a", "t")
+    second = gateway.authenticate("dev_b", "t")
+    refused = gateway.authenticate("dev_c", "t")
+    failure = []
+    refused.addErrback(failure.append)
+    assert failure and failure[0].check(HandshakeRefused) and failure[0].value.status == 503
+    store.waiting[0].callback(Device("dev_a", "x", hash_token("t"), 0.0))
+    admitted = []
+    first.addCallback(admitted.append)
+    assert admitted[0].device_id == "dev_a"
+    third = gateway.authenticate("dev_d", "t")
+    assert len(store.waiting) == 3  # a slot freed up, so this lookup went to the store
+    for d in store.waiting[1:]:
+        d.callback(None)
+    for d in (second, third):
+        d.addErrback(lambda f: f.trap(HandshakeRefused))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from elevgw import events, wire
@@ -44,7 +44,10 @@ class Gateway:
         heartbeat_timeout: float = 30.0,
         node_id: str = "elevgw",
         metrics: Metrics | None = None,
+        max_pending_handshakes: int = 2000,
     ) -> None:
+        self.max_pending_handshakes = max_pending_handshakes
+        self._pending_handshakes = 0
         self.metrics = metrics = metrics if metrics is not None else Metrics(node_id)
         self.store = store
         self.snapshots = snapshots
@@ -66,8 +69,22 @@ class Gateway:
     # -- admission
 
     def authenticate(self, device_id: str, token: str) -> Deferred:
-        """Fire with the ``Device`` if ``token`` is its current one; else fail with ``HandshakeRefused``."""
+        """Fire with the ``Device`` if ``token`` is its current one; else fail with ``HandshakeRefused``.
+
+        At most ``max_pending_handshakes`` store lookups are in flight: past that a reconnect
+        storm gets a quick 503 (devices retry with backoff) instead of a queue that grows
+        until every handshake times out.
+        """
+        if self._pending_handshakes >= self.max_pending_handshakes:
+            return fail(HandshakeRefused(503, "gateway busy, retry later"))
+        self._pending_handshakes += 1
         d = self.store.get_device(device_id)
+
+        def done(result):
+            self._pending_handshakes -= 1
+            return result
+
+        d.addBoth(done)
 
         def check(device):
             if device is None or not token_matches(token, device.token_hash):
