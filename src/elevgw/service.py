@@ -34,12 +34,27 @@ class ConfigError(ValueError):
     """A setting that cannot work (bad store URL, missing OSS key); one line for the operator."""
 
 
-def make_store(spec: str, reactor: Any) -> IDeviceStore:
+def make_store(settings: Settings, reactor: Any) -> IDeviceStore:
+    spec = settings.store
     if spec.startswith("sqlite:"):
         path = spec[len("sqlite:") :]
         if not path:
             raise ConfigError("--store sqlite: needs a file path, e.g. sqlite:elevgw.sqlite3")
         return SQLiteStore(path)
+    if spec.startswith("redis://"):
+        # Imported only when chosen: importing txredisapi installs the global reactor.
+        from elevgw.store_redis import RedisStore
+
+        try:
+            return RedisStore(
+                spec,
+                prefix=settings.redis_prefix,
+                log_maxlen=settings.log_maxlen,
+                reactor=reactor,
+                timeout=settings.store_timeout,
+            )
+        except ValueError as e:
+            raise ConfigError("--store: {}".format(e))
     raise ConfigError(f"--store must be sqlite:PATH or redis://host:port/db, not {spec!r}")
 
 
@@ -52,7 +67,7 @@ class GatewayService(MultiService):
         self.reactor = reactor
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="elevgw-files")
         self.metrics = Metrics(settings.node_id)
-        self.store = MeasuredStore(make_store(settings.store, reactor), self.metrics, reactor)
+        self.store = MeasuredStore(make_store(settings, reactor), self.metrics, reactor)
         self.snapshots = self._make_snapshot_store(settings.snapshots)
         self.event_sink: events.IEventSink = events.NullSink()
         self.gateway = Gateway(

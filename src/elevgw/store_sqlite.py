@@ -151,6 +151,10 @@ class SQLiteStore:
 
     def append_log(self, device_id: str, entry: LogEntry) -> Deferred:
         payload = json.dumps(entry.payload, ensure_ascii=False, separators=(",", ":"))
+        try:
+            payload.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from the device: keep it, escaped
+            payload = json.dumps(entry.payload, separators=(",", ":"))
         return self._interaction(
             lambda txn: txn.execute(
                 "INSERT INTO logs (device_id, ts, payload) VALUES (?, ?, ?)",

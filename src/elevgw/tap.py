@@ -125,6 +125,9 @@ class Options(usage.Options):
             "Seconds SIGTERM waits for sockets and webhooks.",
             _positive_float,
         ],
+        ["redis-prefix", None, "elevgw:", "Prefix of every Redis key."],
+        ["log-maxlen", None, 10000, "Redis: cap of each device's log stream.", _positive_int],
+        ["store-timeout", None, 2.0, "Seconds before a store call fails.", _positive_float],
     ]
 
     def parseOptions(self, options=None):
@@ -170,6 +173,9 @@ class Options(usage.Options):
             max_message_size=self["max-message-size"],
             node_id=self["node-id"],
             drain_timeout=self["drain-timeout"],
+            redis_prefix=self["redis-prefix"],
+            log_maxlen=self["log-maxlen"],
+            store_timeout=self["store-timeout"],
         )
 
 

@@ -1,0 +1,460 @@
+"""The production device store: Redis through txredisapi, shared by every node of a cluster.
+
+The key layout is a public interface (the backend may read the log streams directly); it is
+described in ``docs/redis.rst`` and must not change without a migration note:
+
+- ``{prefix}device:{id}``: hash with ``location``, ``token_hash``, ``created`` and, once the
+  device has been seen, ``last_seen`` (epoch seconds as decimal text);
+- ``{prefix}devices``: sorted set of device ids scored by ``created``;
+- ``{prefix}log:{id}``: stream of the device's logs, fields ``ts`` (epoch milliseconds) and
+  ``payload`` (JSON text), entry ids ``<ts>-<n>``, capped with ``MAXLEN ~ log_maxlen``.
+
+Failures: every call fails with ``StoreUnavailable`` at once while there is no connection, and
+after ``timeout`` seconds when Redis does not answer (the connection is then dropped, since
+nothing more is expected on it). txredisapi reconnects in the background with a capped backoff,
+so the same store works again once Redis is back. One connection carries every command, so
+Redis runs them in the order the store's methods were called.
+
+Importing this module imports txredisapi, which installs the global reactor: import it only once
+the reactor is chosen (the service maker does so lazily, when the store is ``redis://``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import attrs
+import txredisapi
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from elevgw.store import Device, IDeviceStore, LogEntry, StoreUnavailable
+
+log = Logger()
+
+
+@attrs.frozen
+class RedisAddress:
+    """Where a ``redis://[[user]:password@]host[:port][/db]`` URL points."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def __str__(self) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """Parse a ``redis://`` URL; raise ``ValueError`` with a one-line reason if it is not one."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f"not a redis:// URL: {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"database must be a number, not {path!r}, in {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"options in {url!r} are not supported")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=int(path) if path else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+@attrs.frozen
+class _Script:
+    source: str
+    sha1: str = attrs.field(init=False)
+
+    @sha1.default
+    def _sha1(self) -> str:
+        return hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+
+
+_ADD_DEVICE = _Script(
+    """
+    if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+    redis.call('HSET', KEYS[1], 'location', ARGV[2], 'token_hash', ARGV[3], 'created', ARGV[4])
+    if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'last_seen', ARGV[5]) end
+    redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+    return 1
+    """
+)
+
+# Reading every hash in the script keeps the listing one consistent round trip; it touches
+# keys not passed in KEYS, which standalone and Sentinel Redis allow (Redis Cluster would not).
+_LIST_DEVICES = _Script(
+    """
+    local out = {}
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+        local f = redis.call('HMGET', ARGV[1] .. id, 'location', 'token_hash', 'created',
+                             'last_seen')
+        if f[1] then
+            out[#out + 1] = id
+            for i = 1, 4 do out[#out + 1] = f[i] end
+        end
+    end
+    return out
+    """
+)
+
+_DELETE_DEVICE = _Script(
+    """
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return redis.call('DEL', KEYS[1])
+    """
+)
+
+_SET_TOKEN_HASH = _Script(
+    """
+    if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+    redis.call('HSET', KEYS[1], 'token_hash', ARGV[1])
+    return 1
+    """
+)
+
+# The time is written as the caller's text, not through Lua's tostring, which keeps only 14
+# significant digits.
+_RECORD_LAST_SEEN = _Script(
+    """
+    for i, key in ipairs(KEYS) do
+        if redis.call('EXISTS', key) == 1 then
+            local current = redis.call('HGET', key, 'last_seen')
+            if not current or tonumber(ARGV[i]) > tonumber(current) then
+                redis.call('HSET', key, 'last_seen', ARGV[i])
+            end
+        end
+    end
+    return 0
+    """
+)
+
+# Entry ids are "<ts>-<n>" so a reader can XRANGE by time. Redis < 7 cannot generate "<ts>-*"
+# and no version accepts an id below the stream's last one, so the script picks the id itself:
+# a ts at or below the last id's time (a clock step back, another node's skew) is raised to it,
+# and the stored ts always equals the id's time, keeping the stream ordered by ts.
+_APPEND_LOG = _Script(
+    """
+    local ms, seq, last = ARGV[1], 0, '0-0'
+    if redis.call('EXISTS', KEYS[1]) == 1 then
+        local info = redis.call('XINFO', 'STREAM', KEYS[1])
+        for i = 1, #info, 2 do
+            if info[i] == 'last-generated-id' then last = info[i + 1] end
+        end
+    end
+    local dash = string.find(last, '-', 1, true)
+    local last_ms = string.sub(last, 1, dash - 1)
+    if tonumber(ms) <= tonumber(last_ms) then
+        ms = last_ms
+        seq = tonumber(string.sub(last, dash + 1)) + 1
+    end
+    local id = ms .. '-' .. string.format('%d', seq)
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, 'ts', ms, 'payload', ARGV[2])
+    return id
+    """
+)
+
+
+def _number_text(value: float) -> str:
+    """Exact decimal text of a time (``repr`` round-trips; txredisapi would keep 6 decimals)."""
+    return repr(float(value))
+
+
+def _pairs(flat: Sequence[Any]) -> dict:
+    items = iter(flat)
+    return dict(zip(items, items, strict=True))
+
+
+def _device(device_id: str, location, token_hash, created, last_seen) -> Device:
+    return Device(
+        device_id=device_id,
+        location=location,
+        token_hash=token_hash,
+        created=float(created),
+        last_seen=float(last_seen) if last_seen else None,
+    )
+
+
+def _log_entry(entry: Sequence[Any]) -> LogEntry:
+    fields = _pairs(entry[1])
+    return LogEntry(ts=int(fields["ts"]), payload=json.loads(fields["payload"]))
+
+
+def _unavailable(failure: Failure):
+    if failure.check(txredisapi.RedisError):
+        raise StoreUnavailable(f"redis: {failure.getErrorMessage()}")
+    return failure
+
+
+@implementer(IDeviceStore)
+class RedisStore:
+    """``IDeviceStore`` on Redis.
+
+    ``url`` is ``redis://[[user]:password@]host[:port][/db]`` (a bad one raises ``ValueError``
+    here, before anything connects); ``prefix`` starts every key, so several gateways can share
+    one database; ``log_maxlen`` caps each device's log stream (approximately: Redis trims whole
+    stream nodes); ``timeout`` (seconds) bounds connecting and every call.
+
+    ``start()`` fires once connected, or after ``timeout`` with a logged warning if Redis cannot
+    be reached: the gateway then runs and answers 503 until Redis is back. It fails only when
+    Redis refuses the configuration (wrong password, bad database number), which no retry fixes.
+    """
+
+    name = "redis"
+
+    #: Longest wait, in seconds, between reconnection attempts while Redis is down; the first
+    #: retry comes after one second and the delay grows by a factor of e up to this.
+    reconnect_max_delay = 5.0
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "elevgw:",
+        log_maxlen: int = 10000,
+        reactor: Any = None,
+        timeout: float = 2.0,
+    ) -> None:
+        if log_maxlen < 1:
+            raise ValueError(f"log_maxlen must be at least 1, not {log_maxlen}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.address = parse_redis_url(url)
+        self.prefix = prefix
+        self.log_maxlen = log_maxlen
+        self.timeout = timeout
+        self._reactor = reactor
+        self._factory: txredisapi.RedisFactory | None = None
+        self._start_wait: tuple[Any, Deferred] | None = None
+
+    def device_key(self, device_id: str) -> str:
+        return f"{self.prefix}device:{device_id}"
+
+    def devices_key(self) -> str:
+        return f"{self.prefix}devices"
+
+    def log_key(self, device_id: str) -> str:
+        return f"{self.prefix}log:{device_id}"
+
+    def start(self) -> Deferred:
+        factory = txredisapi.RedisFactory(
+            uuid=f"{self.address.host}:{self.address.port}",
+            dbid=self.address.db,
+            poolsize=1,
+            isLazy=True,
+            username=self.address.username,
+            password=self.address.password,
+            convertNumbers=False,
+        )
+        factory.maxDelay = self.reconnect_max_delay
+        self._factory = factory
+        started: Deferred = Deferred()
+
+        def give_up_waiting() -> None:
+            log.warn(
+                "redis store: {address} not reachable within {timeout} s;"
+                " answering 'store unavailable' until it is",
+                address=self.address,
+                timeout=self.timeout,
+            )
+            self._start_wait = None
+            started.callback(None)
+
+        self._start_wait = (self._reactor.callLater(self.timeout, give_up_waiting), started)
+
+        def connected(_) -> None:
+            if self._end_start_wait() is not None:
+                started.callback(None)
+            else:
+                log.info("redis store: connected to {address}", address=self.address)
+
+        def refused(failure: Failure) -> None:
+            if self._factory is not factory:
+                return  # closed by stop() during the handshake
+            # txredisapi stops reconnecting for good when AUTH or SELECT fails.
+            log.error(
+                "redis store: {address} refused the connection: {reason};"
+                " the store stays unavailable until the gateway is restarted",
+                address=self.address,
+                reason=failure.getErrorMessage(),
+            )
+            if self._end_start_wait() is not None:
+                reason = StoreUnavailable(f"{self.address}: {failure.getErrorMessage()}")
+                self.stop().addBoth(lambda _: started.errback(reason))
+
+        factory.deferred.addCallbacks(connected, refused)
+        endpoint = HostnameEndpoint(
+            self._reactor, self.address.host, self.address.port, timeout=self.timeout
+        )
+        factory.startConnecting(endpoint)
+        return started
+
+    def _end_start_wait(self) -> Deferred | None:
+        """Cancel ``start()``'s timer; return its unfired Deferred, if it was still waiting."""
+        wait, self._start_wait = self._start_wait, None
+        if wait is None:
+            return None
+        timer, started = wait
+        timer.cancel()
+        return started
+
+    def stop(self) -> Deferred:
+        """Stop reconnecting and close the connection; calls in flight fail. Fires when closed.
+
+        A ``start()`` still waiting for its first connection fires now, as if Redis had been
+        unreachable.
+        """
+        started = self._end_start_wait()
+        if started is not None:
+            started.callback(None)
+        factory, self._factory = self._factory, None
+        if factory is None:
+            return succeed(None)
+        return factory.disconnect().addCallback(lambda _: None)
+
+    def _request(self, send: Callable[[Any], Deferred]) -> Deferred:
+        """Run ``send(connection)`` under the deadline, mapping driver errors to ours."""
+        factory = self._factory
+        if factory is None:
+            return fail(StoreUnavailable("redis store is not started"))
+        # Failing at once, instead of through txredisapi's handler, which queues the call until
+        # a connection comes back, however long that takes.
+        connection = next((c for c in factory.pool if c.connected), None)
+        if connection is None:
+            return fail(StoreUnavailable(f"redis: not connected to {self.address}"))
+        try:
+            d = send(connection)
+        except Exception:
+            return fail().addErrback(_unavailable)
+
+        def timed_out(result, timeout):
+            # Nothing will ever answer the calls queued behind this one: drop the connection
+            # (they fail now) and let txredisapi open a fresh one.
+            if connection.connected:
+                connection.transport.abortConnection()
+            raise StoreUnavailable(f"redis: {self.address} did not answer within {timeout} s")
+
+        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
+        return d.addErrback(_unavailable)
+
+    def _command(self, *args) -> Deferred:
+        return self._request(lambda connection: connection.execute_command(*args))
+
+    def _script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Deferred:
+        def send(connection) -> Deferred:
+            def load_script(failure: Failure):
+                failure.trap(txredisapi.ResponseError)
+                if not failure.getErrorMessage().startswith("NOSCRIPT"):
+                    return failure
+                return connection.execute_command("EVAL", script.source, len(keys), *keys, *args)
+
+            d = connection.execute_command("EVALSHA", script.sha1, len(keys), *keys, *args)
+            return d.addErrback(load_script)
+
+        return self._request(send)
+
+    def ping(self) -> Deferred:
+        return self._command("PING").addCallback(lambda _: None)
+
+    def add_device(self, device: Device) -> Deferred:
+        """Fails with ``ValueError`` if the id exists: a device is never overwritten."""
+
+        def added(created: int) -> None:
+            if not created:
+                raise ValueError(f"device {device.device_id} already exists")
+
+        d = self._script(
+            _ADD_DEVICE,
+            [self.device_key(device.device_id), self.devices_key()],
+            [
+                device.device_id,
+                device.location,
+                device.token_hash,
+                _number_text(device.created),
+                "" if device.last_seen is None else _number_text(device.last_seen),
+            ],
+        )
+        return d.addCallback(added)
+
+    def get_device(self, device_id: str) -> Deferred:
+        def found(reply) -> Device | None:
+            fields = _pairs(reply)
+            if not fields:
+                return None
+            return _device(
+                device_id,
+                fields["location"],
+                fields["token_hash"],
+                fields["created"],
+                fields.get("last_seen"),
+            )
+
+        return self._command("HGETALL", self.device_key(device_id)).addCallback(found)
+
+    def list_devices(self) -> Deferred:
+        def devices(reply) -> list[Device]:
+            return [_device(*reply[i : i + 5]) for i in range(0, len(reply), 5)]
+
+        d = self._script(_LIST_DEVICES, [self.devices_key()], [self.prefix + "device:"])
+        return d.addCallback(devices)
+
+    def delete_device(self, device_id: str) -> Deferred:
+        d = self._script(
+            _DELETE_DEVICE, [self.device_key(device_id), self.devices_key()], [device_id]
+        )
+        return d.addCallback(bool)
+
+    def set_token_hash(self, device_id: str, token_hash: str) -> Deferred:
+        d = self._script(_SET_TOKEN_HASH, [self.device_key(device_id)], [token_hash])
+        return d.addCallback(bool)
+
+    def record_last_seen(self, seen: dict) -> Deferred:
+        if not seen:
+            return succeed(None)
+        keys = [self.device_key(device_id) for device_id in seen]
+        times = [_number_text(when) for when in seen.values()]
+        return self._script(_RECORD_LAST_SEEN, keys, times).addCallback(lambda _: None)
+
+    def append_log(self, device_id: str, entry: LogEntry) -> Deferred:
+        """Fires once Redis has the entry; durability beyond that is Redis's persistence."""
+        if entry.ts < 0:
+            return fail(ValueError(f"log time must not be negative, not {entry.ts}"))
+        payload = json.dumps(entry.payload, ensure_ascii=False, separators=(",", ":"))
+        try:
+            payload.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON allows "\ud800") has no UTF-8 form: escape it instead.
+            payload = json.dumps(entry.payload, separators=(",", ":"))
+        d = self._script(
+            _APPEND_LOG, [self.log_key(device_id)], [int(entry.ts), payload, self.log_maxlen]
+        )
+        return d.addCallback(lambda _: None)
+
+    def get_logs(self, device_id: str, limit: int, before: int | None = None) -> Deferred:
+        if limit < 1 or (before is not None and before <= 0):
+            return succeed([])
+        # An id given as bare milliseconds ends the range at the last entry of that millisecond.
+        end = "+" if before is None else str(int(before) - 1)
+        d = self._command("XREVRANGE", self.log_key(device_id), end, "-", "COUNT", int(limit))
+        return d.addCallback(lambda entries: [_log_entry(entry) for entry in entries])
