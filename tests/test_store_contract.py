@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
+from elevgw.redis_url import RedisAddress, parse_redis_url
 from elevgw.store import (
     Device,
     IDeviceStore,
@@ -25,7 +26,7 @@ from elevgw.store import (
     new_device_id,
     new_token,
 )
-from elevgw.store_redis import RedisAddress, RedisStore, parse_redis_url
+from elevgw.store_redis import RedisStore
 from elevgw.store_sqlite import SQLiteStore
 
 # The lead's conftest will import these fixtures for every module; until then this one asks.
@@ -246,6 +247,9 @@ async def test_logs_belong_to_their_device(store):
         None,
         42,
         "",
+        # Lone surrogates: valid JSON ("\ud800"), but no UTF-8 form.
+        "broken \ud800 text",
+        {"msg": "\udfff", "where": "上海", "pair": "\U0001f6aa"},
     ],
 )
 @pytest_twisted.ensureDeferred

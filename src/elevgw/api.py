@@ -112,7 +112,11 @@ class DeviceAPI:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
-        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+        text = json.dumps(body, ensure_ascii=False)
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate a device sent in a log: keep it, escaped
+            return json.dumps(body).encode("ascii")
 
     def _authorize(self, request) -> None:
         if self._api_key is None:

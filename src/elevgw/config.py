@@ -31,3 +31,7 @@ class Settings:
     redis_prefix: str = "elevgw:"
     log_maxlen: int = 10000
     store_timeout: float = 2.0
+    webhook_timeout: float = 5.0
+    webhook_retry_for: float = 300.0
+    webhook_queue_size: int = 100_000
+    webhook_concurrency: int = 16

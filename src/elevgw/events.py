@@ -45,7 +45,10 @@ class IEventSink(Interface):
         """Accept a ``DeviceStatus`` or ``SnapshotReady``; return at once, never raise."""
 
     def drain(timeout):
-        """Fire once queued events are delivered or ``timeout`` seconds have passed."""
+        """Fire with ``True`` once queued events are delivered, ``False`` after ``timeout`` s."""
+
+    def stop():
+        """Give up what is still queued, release connections. Fires when done."""
 
 
 @implementer(IEventSink)
@@ -56,4 +59,7 @@ class NullSink:
         pass
 
     def drain(self, timeout):
+        return succeed(True)
+
+    def stop(self):
         return succeed(None)

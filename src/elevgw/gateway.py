@@ -175,7 +175,9 @@ class Gateway:
 
         def failed(failure):
             if failure.check(StoreUnavailable):
-                detail = "log not stored: device store unavailable, send it again later"
+                # The write may still land (a frozen Redis runs it once it thaws): logs are
+                # at least once, never acked unless stored.
+                detail = "log not confirmed stored: device store unavailable, send it again later"
                 code = wire.STORE_UNAVAILABLE
             else:
                 self.log.failure(

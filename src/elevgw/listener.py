@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
 
 class Listener(Service):
@@ -50,7 +50,7 @@ class Listener(Service):
         self._listening = None
         if port is None:
             return succeed(None)
-        return port.stopListening()
+        return maybeDeferred(port.stopListening)
 
     def address(self) -> Any:
         """The bound address (``IAddress``), or ``None`` before binding."""

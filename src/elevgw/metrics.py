@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from zope.interface import implementer
 
@@ -133,25 +134,27 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.webhooks = Counter(
-            "elevgw_webhook_deliveries",
-            "Webhook deliveries by outcome (delivered, retried, rejected, failed, dropped).",
-            ["outcome"],
-            registry=registry,
-        )
         self.webhook_seconds = Histogram(
             "elevgw_webhook_seconds",
-            "Webhook request latency (one attempt).",
+            "Webhook request latency (one attempt), by its outcome.",
+            ["outcome"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
-        )
-        self.webhook_queue = Gauge(
-            "elevgw_webhook_queue", "Webhook events waiting for delivery.", registry=registry
         )
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+    def watch_webhooks(self, sink: Any) -> None:
+        """Export the webhook sink's own counters and queue at scrape time, and time each attempt."""
+        self.registry.register(_WebhookCollector(sink))
+        seconds = self.webhook_seconds
+
+        def delivery(outcome: str, elapsed: float) -> None:
+            seconds.labels(outcome).observe(elapsed)
+
+        sink.on_delivery = delivery
 
     def watch_sessions(self, count: Any) -> None:
         """Read the session gauge from ``count()`` at scrape time (nothing per connect)."""
@@ -208,3 +211,30 @@ class MeasuredStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
+
+
+class _WebhookCollector:
+    """Reads ``WebhookSink.stats`` / ``queued`` / ``in_flight`` when Prometheus scrapes."""
+
+    def __init__(self, sink: Any) -> None:
+        self._sink = sink
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Any:
+        deliveries = CounterMetricFamily(
+            "elevgw_webhook_deliveries",
+            "Webhook events by outcome: delivered, retried (attempts), rejected (4xx), "
+            "failed (given up after --webhook-retry-for), dropped (queue full or shutdown).",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(self._sink.stats.items()):
+            deliveries.add_metric([outcome], count)
+        yield deliveries
+        yield GaugeMetricFamily(
+            "elevgw_webhook_queue", "Webhook events waiting for delivery.", value=self._sink.queued
+        )
+        yield GaugeMetricFamily(
+            "elevgw_webhook_in_flight", "Webhook requests in flight.", value=self._sink.in_flight
+        )

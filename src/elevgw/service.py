@@ -15,6 +15,7 @@ from twisted.application.service import MultiService
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from elevgw import events
@@ -28,6 +29,7 @@ from elevgw.sessions import CLOSE_GOING_AWAY
 from elevgw.snapshots import FileSnapshotStore
 from elevgw.store import IDeviceStore
 from elevgw.store_sqlite import SQLiteStore
+from elevgw.webhooks import WebhookSink
 
 
 class ConfigError(ValueError):
@@ -69,7 +71,7 @@ class GatewayService(MultiService):
         self.metrics = Metrics(settings.node_id)
         self.store = MeasuredStore(make_store(settings, reactor), self.metrics, reactor)
         self.snapshots = self._make_snapshot_store(settings.snapshots)
-        self.event_sink: events.IEventSink = events.NullSink()
+        self.event_sink: events.IEventSink = self._make_event_sink(settings)
         self.gateway = Gateway(
             self.store,
             self.snapshots,
@@ -91,6 +93,24 @@ class GatewayService(MultiService):
         self._sweep = task.LoopingCall(self._run_sweep)
         self._sweep.clock = reactor
         self.ready: Deferred = Deferred()
+
+    def _make_event_sink(self, settings: Settings) -> events.IEventSink:
+        if not settings.backend_url:
+            return events.NullSink()
+        try:
+            sink = WebhookSink(
+                settings.backend_url,
+                self.reactor,
+                secret=settings.webhook_secret,
+                request_timeout=settings.webhook_timeout,
+                retry_for=settings.webhook_retry_for,
+                max_queued=settings.webhook_queue_size,
+                concurrency=settings.webhook_concurrency,
+            )
+        except ValueError as e:
+            raise ConfigError("webhooks: {}".format(e))
+        self.metrics.watch_webhooks(sink)
+        return sink
 
     def _make_snapshot_store(self, spec: str):
         if spec.startswith("file:"):
@@ -154,13 +174,18 @@ class GatewayService(MultiService):
         count = self.gateway.registry.end_all(events.OFFLINE_SHUTDOWN, CLOSE_GOING_AWAY)
         if count:
             self.log.info("draining: closed {count} device sessions (1001)", count=count)
+        # The offline events are queued already; their delivery runs while sockets close.
+        deadline = self.reactor.seconds() + self.settings.drain_timeout
         await _within(closing, self.settings.drain_timeout / 2, self.reactor)
         self.device_factory.abort_all()
-        await _within(
-            self.event_sink.drain(self.settings.drain_timeout / 2),
-            self.settings.drain_timeout / 2,
-            self.reactor,
-        )
+        remaining = max(0.0, deadline - self.reactor.seconds())
+        delivered = await _within(self.event_sink.drain(remaining), remaining, self.reactor)
+        if delivered is False:
+            self.log.warn(
+                "draining: webhook events still pending after {seconds} s are dropped",
+                seconds=self.settings.drain_timeout,
+            )
+        await self.event_sink.stop()
 
     def stopService(self) -> Deferred:
         d = Deferred.fromCoroutine(self._drain())
@@ -179,7 +204,7 @@ class GatewayService(MultiService):
 
 
 def _within(d: Deferred, seconds: float, clock: Any) -> Deferred:
-    """``d``, but fired with ``None`` after ``seconds`` at the latest (and never failing)."""
+    """``d``'s result, or ``None`` after ``seconds`` at the latest; never fails."""
     done: Deferred = Deferred()
 
     def expire() -> None:
@@ -188,11 +213,11 @@ def _within(d: Deferred, seconds: float, clock: Any) -> Deferred:
 
     timer = clock.callLater(seconds, expire)
 
-    def finished(_):
+    def finished(result: Any) -> None:
         if timer.active():
             timer.cancel()
         if not done.called:
-            done.callback(None)
+            done.callback(None if isinstance(result, Failure) else result)
 
     d.addBoth(finished)
     return done

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from twisted.python import usage
 
 from elevgw.config import Settings, default_node_id
+from elevgw.redis_url import parse_redis_url
 
 
 def _positive_float(value: str) -> float:
@@ -128,6 +129,22 @@ class Options(usage.Options):
         ["redis-prefix", None, "elevgw:", "Prefix of every Redis key."],
         ["log-maxlen", None, 10000, "Redis: cap of each device's log stream.", _positive_int],
         ["store-timeout", None, 2.0, "Seconds before a store call fails.", _positive_float],
+        ["webhook-timeout", None, 5.0, "Seconds one webhook request may take.", _positive_float],
+        [
+            "webhook-retry-for",
+            None,
+            300.0,
+            "Seconds a webhook event is retried before it is given up.",
+            _positive_float,
+        ],
+        [
+            "webhook-queue-size",
+            None,
+            100000,
+            "Webhook events held at most (then the oldest of the busiest device is dropped).",
+            _positive_int,
+        ],
+        ["webhook-concurrency", None, 16, "Webhook requests in flight at most.", _positive_int],
     ]
 
     def parseOptions(self, options=None):
@@ -152,10 +169,33 @@ class Options(usage.Options):
                 parts = urlsplit(url)
                 if parts.scheme not in ("http", "https") or not parts.netloc:
                     raise usage.UsageError(f"--{name} must be an http(s):// URL, not {url!r}")
+        self._check_stores()
         if not is_loopback_endpoint(self["api-endpoint"]) and not self["api-key"]:
             raise usage.UsageError(
                 "the API on {!r} is reachable from other hosts: set ELEVGW_API_KEY (or --api-key), "
                 "or bind it to a loopback interface".format(self["api-endpoint"])
+            )
+
+    def _check_stores(self) -> None:
+        """Refuse a store or snapshot spec now: twistd calls ``makeService`` outside its
+        usage-error handling, so a refusal there would print a traceback."""
+        store = self["store"]
+        if store.startswith("redis://"):
+            try:
+                parse_redis_url(store)
+            except ValueError as e:
+                raise usage.UsageError("--store: {}".format(e))
+        elif not (store.startswith("sqlite:") and len(store) > len("sqlite:")):
+            raise usage.UsageError(
+                "--store must be sqlite:PATH or redis://host:port/db, not {!r}".format(store)
+            )
+        snapshots = self["snapshots"]
+        if not (
+            (snapshots.startswith("file:") and len(snapshots) > len("file:"))
+            or snapshots.startswith("oss://")
+        ):
+            raise usage.UsageError(
+                "--snapshots must be file:FOLDER or oss://BUCKET, not {!r}".format(snapshots)
             )
 
     def settings(self) -> Settings:
@@ -176,6 +216,10 @@ class Options(usage.Options):
             redis_prefix=self["redis-prefix"],
             log_maxlen=self["log-maxlen"],
             store_timeout=self["store-timeout"],
+            webhook_timeout=self["webhook-timeout"],
+            webhook_retry_for=self["webhook-retry-for"],
+            webhook_queue_size=self["webhook-queue-size"],
+            webhook_concurrency=self["webhook-concurrency"],
         )
 
 
