@@ -12,7 +12,6 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
 
 from elevgw.gateway import Gateway, HandshakeRefused
 
@@ -37,7 +36,8 @@ def credentials(request: Any) -> tuple[str, str]:
 
 
 class DeviceProtocol(WebSocketServerProtocol):
-    log = Logger()
+    # No ``log = Logger()`` here: it would replace Autobahn's txaio logger, which drops its
+    # per-frame debug lines, with one that formats and writes every one of them.
     session = None
     _device_id: str | None = None
     _lost = False
