@@ -35,3 +35,24 @@ class Settings:
     webhook_retry_for: float = 300.0
     webhook_queue_size: int = 100_000
     webhook_concurrency: int = 16
+    oss_region: str | None = None
+    oss_pool_size: int = 4
+    oss_timeout: float = 10.0
+    oss_retries: int = 2
+    oss_url_expiry: int = 3600
+    oss_public_urls: bool = False
+    oss_url_base: str | None = None
+
+    def oss_options(self) -> dict:
+        """Keyword arguments for ``elevgw.snapshots_oss.from_spec``."""
+        options = dict(
+            pool_size=self.oss_pool_size,
+            timeout=self.oss_timeout,
+            retries=self.oss_retries,
+            url_expiry=self.oss_url_expiry,
+            public=self.oss_public_urls,
+            public_url_base=self.oss_url_base,
+        )
+        if self.oss_region:
+            options["region"] = self.oss_region
+        return options

@@ -118,6 +118,13 @@ class GatewayService(MultiService):
             if not path:
                 raise ConfigError("--snapshots file: needs a folder, e.g. file:snapshots")
             return FileSnapshotStore(path, self.public_url, self.reactor, self.threadpool)
+        if spec.startswith("oss://"):
+            from elevgw.snapshots_oss import from_spec
+
+            try:
+                return from_spec(spec, os.environ, self.reactor, **self.settings.oss_options())
+            except ValueError as e:
+                raise ConfigError(str(e))
         raise ConfigError(f"--snapshots must be file:PATH or oss://BUCKET, not {spec!r}")
 
     def public_url(self) -> str:

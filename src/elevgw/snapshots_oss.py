@@ -157,6 +157,10 @@ class OSSSnapshotStore:
     def region(self) -> str:
         return self._region
 
+    @property
+    def key_prefix(self) -> str:
+        return self._key_prefix
+
     def start(self) -> Deferred:
         """Make the thread pool and oss2's connection pool. Fires at once."""
         if self._pool is None:
@@ -208,11 +212,7 @@ class OSSSnapshotStore:
             raise ValueError("not a PNG, JPEG or WebP image")
         key = self._key_prefix + snapshot_key(device_id, taken_at_ms, extension)
         content_type = IMAGE_TYPES[extension]
-        headers = {
-            "Content-Type": content_type,
-            "Content-MD5": base64.b64encode(hashlib.md5(data).digest()).decode("ascii"),
-        }
-        upload = Deferred.fromCoroutine(self._upload(key, data, headers))
+        upload = Deferred.fromCoroutine(self._upload(key, data, content_type))
         self._uploads.add(upload)
 
         def forget(result: object) -> object:
@@ -239,23 +239,26 @@ class OSSSnapshotStore:
         upload.addCallbacks(stored, stopped)
         return upload
 
-    async def _upload(self, key: str, data: bytes, headers: dict[str, str]) -> str:
+    async def _upload(self, key: str, data: bytes, content_type: str) -> str:
         deadline = self._reactor.seconds() + self._timeout
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(key, data, headers, deadline - self._reactor.seconds())
+                budget = deadline - self._reactor.seconds()
+                return await self._attempt(key, data, content_type, budget)
             except (CancelledError, SnapshotStoreError):
                 raise
             except Exception as error:
                 kind, problem = self._describe(error)
+                if kind == "unexpected":
+                    self.log.failure("oss2 failed unexpectedly storing {key}", key=key)
             if kind == "timeout":
                 raise SnapshotStoreTimeout(
                     "storing {} on OSS timed out: {} (attempt {})".format(key, problem, attempt)
                 )
-            if kind == "permanent":
-                raise SnapshotStoreError("OSS refused to store {}: {}".format(key, problem))
+            if kind != "transient":
+                raise SnapshotStoreError("storing {} on OSS failed: {}".format(key, problem))
             delay = self._retry_backoff * 2 ** (attempt - 1)
             if attempt > self._retries or self._reactor.seconds() + delay >= deadline:
                 raise SnapshotStoreError(
@@ -274,7 +277,7 @@ class OSSSnapshotStore:
             )
             await deferLater(self._reactor, delay, lambda: None)
 
-    def _attempt(self, key: str, data: bytes, headers: dict[str, str], budget: float) -> Deferred:
+    def _attempt(self, key: str, data: bytes, content_type: str, budget: float) -> Deferred:
         if self._pool is None:
             raise SnapshotStoreError("the OSS store is not running")
         abandoned = threading.Event()
@@ -285,7 +288,7 @@ class OSSSnapshotStore:
             self._session,
             key,
             data,
-            headers,
+            content_type,
             budget,
             time.monotonic(),
             abandoned,
@@ -306,7 +309,7 @@ class OSSSnapshotStore:
         session: Any,
         key: str,
         data: bytes,
-        headers: dict[str, str],
+        content_type: str,
         budget: float,
         submitted: float,
         abandoned: threading.Event,
@@ -315,6 +318,11 @@ class OSSSnapshotStore:
         socket_timeout = budget - (time.monotonic() - submitted)
         if abandoned.is_set() or socket_timeout <= 0:
             raise _OutOfTime()
+        # Content-MD5 makes OSS refuse a body damaged on the way (it is signed, too).
+        headers = {
+            "Content-Type": content_type,
+            "Content-MD5": base64.b64encode(hashlib.md5(data).digest()).decode("ascii"),
+        }
         # A Bucket is cheap (no I/O); one per attempt carries this attempt's timeout while
         # sharing the session, hence the connection pool, with every other attempt.
         bucket = oss2.Bucket(
@@ -331,7 +339,7 @@ class OSSSnapshotStore:
         return bucket.sign_url("GET", key, self._url_expiry, slash_safe=True)
 
     def _describe(self, error: Exception) -> tuple[str, str]:
-        """``(kind, problem)``: kind is 'timeout', 'transient' or 'permanent'."""
+        """``(kind, problem)``; kind is 'timeout', 'transient', 'permanent' or 'unexpected'."""
         if isinstance(error, TimeoutError | _OutOfTime):
             return "timeout", "no answer within {:g} s".format(self._timeout)
         if isinstance(error, oss2.exceptions.RequestError):
@@ -342,14 +350,14 @@ class OSSSnapshotStore:
         if isinstance(error, oss2.exceptions.InconsistentError):
             return "transient", "the CRC64 of the stored object differs from the upload"
         if isinstance(error, oss2.exceptions.ServerError):
-            problem = "{} {}: {} (request id {})".format(
+            problem = "OSS answered {} {}: {} (request id {})".format(
                 error.status, error.code or "error", error.message or "-", error.request_id or "-"
             )
             retry = error.status >= 500 or error.status == 429
             return ("transient" if retry else "permanent"), problem
         if isinstance(error, oss2.exceptions.OssError):
             return "permanent", str(error.body)
-        return "permanent", "{}: {}".format(type(error).__name__, error)
+        return "unexpected", "{}: {}".format(type(error).__name__, error)
 
 
 def from_spec(
@@ -397,11 +405,8 @@ def normalize_endpoint(endpoint: str) -> str:
         endpoint = "https://" + endpoint
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
-        raise ValueError(
-            "the OSS endpoint must look like https://oss-cn-shanghai.aliyuncs.com, not {!r}".format(
-                endpoint
-            )
-        )
+        example = "https://oss-cn-shanghai.aliyuncs.com"
+        raise ValueError("the OSS endpoint must look like {}, not {!r}".format(example, endpoint))
     return "{}://{}".format(parts.scheme, parts.netloc)
 
 

@@ -44,6 +44,19 @@ def _positive_int(value: str) -> int:
 _positive_int.coerceDoc = "A whole number greater than 0."  # type: ignore[attr-defined]
 
 
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("not a whole number: {!r}".format(value))
+    if number < 0:
+        raise ValueError("must be 0 or more: {!r}".format(value))
+    return number
+
+
+_count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
 def is_loopback_endpoint(description: str) -> bool:
     """Whether a server endpoint string only accepts local connections."""
     parts = [part.replace("\\:", ":") for part in re.split(r"(?<!\\):", description)]
@@ -145,6 +158,28 @@ class Options(usage.Options):
             _positive_int,
         ],
         ["webhook-concurrency", None, 16, "Webhook requests in flight at most.", _positive_int],
+        ["oss-region", None, None, "OSS region for signature V4 (default: from OSS_ENDPOINT)."],
+        ["oss-pool-size", None, 4, "Threads (and connections) for oss2 calls.", _positive_int],
+        [
+            "oss-timeout",
+            None,
+            10.0,
+            "Seconds one snapshot may take to store on OSS, retries included.",
+            _positive_float,
+        ],
+        ["oss-retries", None, 2, "Extra attempts after a transient OSS failure.", _count],
+        [
+            "oss-url-expiry",
+            None,
+            3600,
+            "Seconds a signed OSS URL stays valid (at most 604800).",
+            _positive_int,
+        ],
+        ["oss-url-base", None, None, "Hand out plain URLs under this base (CDN, own domain)."],
+    ]
+
+    optFlags: list[list[Any]] = [
+        ["oss-public-urls", None, "Hand out plain URLs on the bucket's domain (public bucket)."],
     ]
 
     def parseOptions(self, options=None):
@@ -158,6 +193,11 @@ class Options(usage.Options):
             value = os.environ.get("ELEVGW_" + name.upper().replace("-", "_"))
             if value:
                 args.append(f"--{name}={value}")
+        for entry in self.optFlags:
+            name = entry[0]
+            value = os.environ.get("ELEVGW_" + name.upper().replace("-", "_"), "")
+            if value.strip().lower() in ("1", "true", "yes", "on"):
+                args.append("--" + name)
         return args
 
     def postOptions(self) -> None:
@@ -190,6 +230,13 @@ class Options(usage.Options):
                 "--store must be sqlite:PATH or redis://host:port/db, not {!r}".format(store)
             )
         snapshots = self["snapshots"]
+        if snapshots.startswith("oss://"):
+            from elevgw.snapshots_oss import from_spec
+
+            try:
+                from_spec(snapshots, os.environ, None, **self.settings().oss_options())
+            except ValueError as e:
+                raise usage.UsageError(str(e))
         if not (
             (snapshots.startswith("file:") and len(snapshots) > len("file:"))
             or snapshots.startswith("oss://")
@@ -220,6 +267,13 @@ class Options(usage.Options):
             webhook_retry_for=self["webhook-retry-for"],
             webhook_queue_size=self["webhook-queue-size"],
             webhook_concurrency=self["webhook-concurrency"],
+            oss_region=self["oss-region"],
+            oss_pool_size=self["oss-pool-size"],
+            oss_timeout=self["oss-timeout"],
+            oss_retries=self["oss-retries"],
+            oss_url_expiry=self["oss-url-expiry"],
+            oss_public_urls=bool(self["oss-public-urls"]),
+            oss_url_base=self["oss-url-base"],
         )
 
 
