@@ -9,6 +9,7 @@ from twisted.internet import endpoints, reactor
 from twisted.internet.defer import ensureDeferred
 
 from images import tiny_png
+from test_metrics import scrape, value
 from webhook_receiver import HANG, Receiver, TrackingSite
 from wsclient import connect_device
 
@@ -64,6 +65,10 @@ async def test_connect_disconnect_cycles_arrive_in_order_with_growing_seq(
         assert request.headers["x-elevgw-signature"] == "sha256=" + expected
         assert request.headers["x-elevgw-event-id"]
     assert len({r.headers["x-elevgw-event-id"] for r in backend.requests}) == 6
+    samples = await scrape(gateway)
+    assert value(samples, "elevgw_webhook_deliveries_total", outcome="delivered") == 6
+    assert value(samples, "elevgw_webhook_seconds_count", outcome="delivered") == 6
+    assert value(samples, "elevgw_webhook_queue") == 0
 
 
 @pytest_twisted.ensureDeferred

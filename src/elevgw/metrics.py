@@ -146,15 +146,18 @@ class Metrics:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
-    def watch_webhooks(self, sink: Any) -> None:
-        """Export the webhook sink's own counters and queue at scrape time, and time each attempt."""
-        self.registry.register(_WebhookCollector(sink))
+    def webhook_delivery_hook(self) -> Any:
+        """The ``on_delivery`` hook for ``WebhookSink``: times each attempt by outcome."""
         seconds = self.webhook_seconds
 
         def delivery(outcome: str, elapsed: float) -> None:
             seconds.labels(outcome).observe(elapsed)
 
-        sink.on_delivery = delivery
+        return delivery
+
+    def watch_webhooks(self, sink: Any) -> None:
+        """Export the webhook sink's own counters and queue length at scrape time."""
+        self.registry.register(_WebhookCollector(sink))
 
     def watch_sessions(self, count: Any) -> None:
         """Read the session gauge from ``count()`` at scrape time (nothing per connect)."""

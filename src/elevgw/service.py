@@ -98,7 +98,7 @@ class GatewayService(MultiService):
         if not settings.backend_url:
             return events.NullSink()
         try:
-            sink = WebhookSink(
+            sink: WebhookSink = WebhookSink(
                 settings.backend_url,
                 self.reactor,
                 secret=settings.webhook_secret,
@@ -106,6 +106,7 @@ class GatewayService(MultiService):
                 retry_for=settings.webhook_retry_for,
                 max_queued=settings.webhook_queue_size,
                 concurrency=settings.webhook_concurrency,
+                on_delivery=self.metrics.webhook_delivery_hook(),
             )
         except ValueError as e:
             raise ConfigError("webhooks: {}".format(e))
