@@ -43,6 +43,8 @@ def test_device_id_may_be_left_out():
         (b'{"payload": 1}', wire.MISSING_TYPE),
         (b'{"type": "selfie"}', wire.UNKNOWN_TYPE),
         (b'{"type": 7}', wire.UNKNOWN_TYPE),
+        (b'{"type": ["heartbeat"]}', wire.UNKNOWN_TYPE),
+        (b'{"type": {"a": 1}}', wire.UNKNOWN_TYPE),
         (b'{"type": "log", "device_id": "dev_other"}', wire.DEVICE_MISMATCH),
         (b'{"type": "log", "id": 5}', wire.BAD_ID),
         (b'{"type": "log", "id": "' + b"x" * 200 + b'"}', wire.BAD_ID),

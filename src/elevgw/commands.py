@@ -69,7 +69,7 @@ class CommandRouter:
         session.send_frame(wire.command_frame(command.id, name, data))
         if self._metrics is not None:
             self._metrics.commands.labels("sent").inc()
-            self._metrics.frame_out["command"].inc()
+            self._metrics.frames_out["command"] += 1
         self.log.info(
             "command {command_id} {name} sent to {device_id}",
             command_id=command.id,

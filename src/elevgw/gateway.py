@@ -62,8 +62,8 @@ class Gateway:
             metrics=metrics,
         )
         self.commands = CommandRouter(self.registry, clock, metrics)
-        self._frame_in = metrics.frame_in
-        self._frame_out = metrics.frame_out
+        self._frames_in = metrics.frames_in
+        self._frames_out = metrics.frames_out
         metrics.watch_sessions(self.registry.__len__)
 
     # -- admission
@@ -123,14 +123,14 @@ class Gateway:
         try:
             frame = wire.parse_frame(data, session.device_id)
         except wire.FrameError as e:
-            self._frame_in["invalid"].inc()
+            self._frames_in["invalid"] += 1
             self._frame_error(session, e)
             return
         kind = frame.type
-        self._frame_in[kind].inc()
+        self._frames_in[kind] += 1
         if kind == wire.HEARTBEAT:
             session.send_frame(wire.pong_frame(int(now * 1000)))
-            self._frame_out["pong"].inc()
+            self._frames_out["pong"] += 1
         elif kind == wire.LOG:
             self._log_received(session, frame, now)
         elif kind == wire.SNAPSHOT:
@@ -146,7 +146,7 @@ class Gateway:
     def binary_received(self, session: DeviceSession, data: bytes) -> None:
         """A binary frame is a snapshot's raw image (the cheap path: no base64, no JSON)."""
         session.last_active = self.clock.seconds()
-        self._frame_in["binary"].inc()
+        self._frames_in["binary"] += 1
         self._snapshot_received(session, data, None)
 
     def _frame_error(self, session: DeviceSession, error: wire.FrameError) -> None:
@@ -161,7 +161,7 @@ class Gateway:
 
     def _send_error(self, session: DeviceSession, code: str, detail: str, frame_id: Any) -> None:
         session.send_frame(wire.error_frame(code, detail, frame_id))
-        self._frame_out["error"].inc()
+        self._frames_out["error"] += 1
         self.metrics.frame_errors.labels(code).inc()
 
     def _log_received(self, session: DeviceSession, frame: wire.Frame, now: float) -> None:
@@ -171,7 +171,7 @@ class Gateway:
         def stored(_):
             if frame.id is not None:
                 session.send_frame(wire.ack_frame(frame.id))
-                self._frame_out["ack"].inc()
+                self._frames_out["ack"] += 1
 
         def failed(failure):
             if failure.check(StoreUnavailable):
@@ -217,7 +217,7 @@ class Gateway:
                 event="snapshot_stored",
             )
             session.send_frame(wire.ack_frame(frame_id, url=snapshot.url))
-            self._frame_out["ack"].inc()
+            self._frames_out["ack"] += 1
             _settle(waiter, result=snapshot)
             self.events.emit(
                 events.SnapshotReady(device_id, snapshot.url, request_id, snapshot.taken_at)

@@ -44,17 +44,12 @@ class Metrics:
             registry=registry,
         )
         self.handshake = {o: self.handshakes.labels(o) for o in HANDSHAKE_OUTCOMES}
-        frames_in = Counter(
-            "elevgw_frames_in",
-            "Frames received from devices by type.",
-            ["type"],
-            registry=registry,
-        )
-        self.frame_in = {t: frames_in.labels(t) for t in FRAME_IN_TYPES}
-        frames_out = Counter(
-            "elevgw_frames_out", "Frames sent to devices by type.", ["type"], registry=registry
-        )
-        self.frame_out = {t: frames_out.labels(t) for t in FRAME_OUT_TYPES}
+        # Frame counters are plain ints bumped on the reactor thread (``counts[type] += 1``)
+        # and turned into counters at scrape time: a prometheus_client child's ``inc()`` takes
+        # a lock, which is most of what a heartbeat costs beyond Autobahn's framing.
+        self.frames_in: dict[str, int] = dict.fromkeys(FRAME_IN_TYPES, 0)
+        self.frames_out: dict[str, int] = dict.fromkeys(FRAME_OUT_TYPES, 0)
+        registry.register(_FrameCollector(self.frames_in, self.frames_out))
         self.frame_errors = Counter(
             "elevgw_frame_errors",
             "Error frames sent to devices by error code.",
@@ -241,3 +236,22 @@ class _WebhookCollector:
         yield GaugeMetricFamily(
             "elevgw_webhook_in_flight", "Webhook requests in flight.", value=self._sink.in_flight
         )
+
+
+class _FrameCollector:
+    def __init__(self, frames_in: dict[str, int], frames_out: dict[str, int]) -> None:
+        self._in = frames_in
+        self._out = frames_out
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Any:
+        for name, doc, counts in (
+            ("elevgw_frames_in", "Frames received from devices by type.", self._in),
+            ("elevgw_frames_out", "Frames sent to devices by type.", self._out),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["type"])
+            for kind, count in counts.items():
+                family.add_metric([kind], count)
+            yield family
