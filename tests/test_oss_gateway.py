@@ -55,7 +55,10 @@ async def test_snapshot_lands_on_oss_and_the_signed_url_serves_it(oss, gateway_f
     assert reply["type"] == "ack" and reply["url"] == body["url"]
     assert "x-oss-signature=" in body["url"]
     [put] = oss.puts()
-    assert "snapshots%2F" + creds["device_id"] in put.uri or "/snapshots/" + creds["device_id"] in put.uri
+    assert (
+        "snapshots%2F" + creds["device_id"] in put.uri
+        or "/snapshots/" + creds["device_id"] in put.uri
+    )
     response = await treq.get(body["url"], reactor=reactor)
     assert response.code == 200
     assert await response.content() == tiny_png()

@@ -10,6 +10,7 @@ from elevgw.sessions import (
     CLOSE_REVOKED,
     CLOSE_TAKEN_OVER,
     CLOSE_TIMEOUT,
+    LAST_SEEN_EVERY,
     SessionRegistry,
 )
 
@@ -81,12 +82,18 @@ def test_a_device_exactly_at_the_timeout_is_not_closed():
 
 
 def test_sweep_records_last_seen_of_live_sessions_in_one_batch():
-    clock, _, registry, seen = make_registry()
+    clock, _, registry, seen = make_registry(timeout=1000)
     registry.attach("dev_a", FakeConnection())
     registry.attach("dev_b", FakeConnection())
     clock.advance(5)
     registry.sweep()
     assert seen == [{"dev_a": 1_700_000_000, "dev_b": 1_700_000_000}]
+    clock.advance(10)
+    registry.sweep()
+    assert len(seen) == 1  # not again before LAST_SEEN_EVERY seconds
+    clock.advance(LAST_SEEN_EVERY)
+    registry.sweep()
+    assert len(seen) == 2
 
 
 def test_one_failing_session_does_not_stop_the_sweep():

@@ -15,6 +15,9 @@ from twisted.logger import Logger
 
 from elevgw import events
 
+#: Seconds between batch writes of live sessions' ``last_seen`` (15,000 rows on a full node).
+LAST_SEEN_EVERY = 60.0
+
 CLOSE_GOING_AWAY = 1001
 CLOSE_TIMEOUT = 4000
 CLOSE_TAKEN_OVER = 4001
@@ -65,6 +68,7 @@ class SessionRegistry:
         self._events = event_sink
         self.heartbeat_timeout = heartbeat_timeout
         self._record_last_seen = record_last_seen
+        self._next_last_seen_write = 0.0
         self._sessions: dict[str, DeviceSession] = {}
         self.takeovers = 0
         self.on_session_ended: list[Any] = []
@@ -156,26 +160,31 @@ class SessionRegistry:
     def sweep(self) -> int:
         """Close every session silent for longer than the heartbeat timeout (4000).
 
-        Runs once per sweep interval and costs one pass over the sessions. Also hands the
-        store every session's ``last_seen`` in one batch, so a crash loses at most one
-        interval of it. One failing session never stops the sweep for the others.
+        Runs once per sweep interval and costs one pass over the sessions. At most every
+        ``LAST_SEEN_EVERY`` seconds it also hands the store every live session's
+        ``last_seen`` in one batch, so a crash loses at most that much of it (a session that
+        ends writes its own at once). One failing session never stops the sweep for the others.
         """
-        deadline = self._clock.seconds() - self.heartbeat_timeout
+        now = self._clock.seconds()
+        deadline = now - self.heartbeat_timeout
         expired = 0
+        write_seen = now >= self._next_last_seen_write
         seen = {}
         for session in list(self._sessions.values()):
             try:
                 if session.last_active < deadline:
                     self.end(session, events.OFFLINE_TIMEOUT, CLOSE_TIMEOUT)
                     expired += 1
-                else:
+                elif write_seen:
                     seen[session.device_id] = session.last_active
             except Exception:
                 self.log.failure(
                     "sweep failed for device {device_id}", device_id=session.device_id
                 )
-        if seen and self._record_last_seen is not None:
-            self._record_last_seen(seen)
+        if write_seen:
+            self._next_last_seen_write = now + LAST_SEEN_EVERY
+            if seen and self._record_last_seen is not None:
+                self._record_last_seen(seen)
         return expired
 
     def _ended(self, session: DeviceSession, reason: str) -> None:
