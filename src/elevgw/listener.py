@@ -13,6 +13,19 @@ from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 
+#: Twisted listens with a backlog of 50: in a reconnect storm the kernel then drops the
+#: handshakes' ACKs and devices wait for SYN-ACK retransmits (1, 3, 7, 15 s). The kernel
+#: caps this at net.core.somaxconn.
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """``description`` with ``:backlog=N`` added for tcp, ssl and unix endpoints that set none."""
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+
 
 class Listener(Service):
     def __init__(self, reactor: Any, description: str, factory: Any) -> None:
@@ -32,7 +45,7 @@ class Listener(Service):
             self._listen()
 
     def _listen(self) -> None:
-        endpoint = endpoints.serverFromString(self._reactor, self.description)
+        endpoint = endpoints.serverFromString(self._reactor, with_backlog(self.description))
         failures: list = []
         self._listening = endpoint.listen(self.factory)
         self._listening.addCallbacks(self._bound, failures.append)

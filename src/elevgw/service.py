@@ -42,7 +42,7 @@ def make_store(settings: Settings, reactor: Any) -> IDeviceStore:
         path = spec[len("sqlite:") :]
         if not path:
             raise ConfigError("--store sqlite: needs a file path, e.g. sqlite:elevgw.sqlite3")
-        return SQLiteStore(path)
+        return SQLiteStore(path, reactor)
     if spec.startswith("redis://"):
         # Imported only when chosen: importing txredisapi installs the global reactor.
         from elevgw.store_redis import RedisStore

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from typing import Any
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
@@ -34,6 +35,7 @@ SCHEMA = [
 ]
 
 _DEVICE_COLUMNS = "device_id, location, token_hash, created, last_seen"
+_LOOKUP_BATCH = 500  # ids per SELECT … IN (…), under SQLite's limit of 999 parameters
 
 
 def _open_connection(connection) -> None:
@@ -63,9 +65,14 @@ def _device(row) -> Device:
 class SQLiteStore:
     name = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
         self._path = path
+        self._reactor = reactor
         self._pool: adbapi.ConnectionPool | None = None
+        self._lookups: dict[str, list[Deferred]] = {}
+        self._lookup_call: Any = None
 
     def start(self) -> Deferred:
         self._pool = adbapi.ConnectionPool(
@@ -112,10 +119,47 @@ class SQLiteStore:
         ).addCallback(lambda _: None)
 
     def get_device(self, device_id: str) -> Deferred:
-        d = self._query(
-            "SELECT " + _DEVICE_COLUMNS + " FROM devices WHERE device_id = ?", device_id
-        )
-        return d.addCallback(lambda rows: _device(rows[0]) if rows else None)
+        """Lookups asked for in one reactor turn share one query and one trip to the SQLite
+        thread, so a reconnect storm pays the thread hand-off per batch, not per device."""
+        if self._pool is None:
+            return fail(StoreUnavailable("sqlite store is not started"))
+        d: Deferred = Deferred()
+        self._lookups.setdefault(device_id, []).append(d)
+        if self._lookup_call is None:
+            self._lookup_call = self._reactor.callLater(0, self._look_up_batch)
+        return d
+
+    def _look_up_batch(self) -> None:
+        self._lookup_call = None
+        batch, self._lookups = self._lookups, {}
+        ids = list(batch)
+
+        def select(txn) -> dict:
+            rows = {}
+            for i in range(0, len(ids), _LOOKUP_BATCH):
+                chunk = ids[i : i + _LOOKUP_BATCH]
+                placeholders = ",".join("?" * len(chunk))
+                txn.execute(
+                    f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id IN ({placeholders})",
+                    chunk,
+                )
+                for row in txn.fetchall():
+                    rows[row[0]] = row
+            return rows
+
+        def deliver(rows: dict) -> None:
+            for device_id, waiting in batch.items():
+                row = rows.get(device_id)
+                device = _device(row) if row is not None else None
+                for d in waiting:
+                    d.callback(device)
+
+        def failed(failure) -> None:
+            for waiting in batch.values():
+                for d in waiting:
+                    d.errback(failure)
+
+        self._interaction(select).addCallbacks(deliver, failed)
 
     def list_devices(self) -> Deferred:
         d = self._query("SELECT " + _DEVICE_COLUMNS + " FROM devices ORDER BY created, device_id")

@@ -6,6 +6,7 @@ secrets belong: the command line shows in ``ps``. The command line wins over the
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import re
@@ -284,6 +285,12 @@ def makeService(options: Options):
     from elevgw.service import ConfigError, GatewayService
 
     logs.node_id = options["node-id"]
+    # Every session keeps a few dozen GC-tracked objects alive (15,000 devices: ~600,000).
+    # With CPython's default thresholds (700, 10, 10) a full collection then runs every
+    # few seconds under load and stops the reactor for 0.2-0.8 s; with these, rarely.
+    # Objects from imports and start-up are never garbage: keep them out of every pass.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     try:
         return GatewayService(options.settings(), reactor)
     except ConfigError as e:
