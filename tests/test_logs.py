@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from elevgw import logs
@@ -156,3 +157,46 @@ def test_a_port_in_use_stops_twistd_with_an_error(tmp_path):
         )
     assert result.returncode != 0
     assert b"Address already in use" in result.stdout + result.stderr
+
+
+def test_events_below_the_log_level_are_dropped_where_they_are_made():
+    output = io.StringIO()
+    observer = logs.JSONLinesObserver(output)
+    log = logs.Logger(namespace="elevgw.test")
+    globalLogPublisher.addObserver(observer)
+    try:
+        log.debug("command {command_id} sent", command_id="cmd_1")
+        log.info("device online")
+        logs.level = LogLevel.debug
+        log.debug("command {command_id} sent", command_id="cmd_2")
+    finally:
+        logs.level = LogLevel.info
+        globalLogPublisher.removeObserver(observer)
+    messages = [json.loads(line)["message"] for line in output.getvalue().splitlines()]
+    assert messages == ["device online", "command cmd_2 sent"]
+
+
+@pytest.mark.parametrize("value, level", [("debug", LogLevel.debug), ("WARN", LogLevel.warn)])
+def test_log_level_option(value, level):
+    from elevgw.tap import Options
+
+    options = Options()
+    options.parseOptions(["--log-level", value])
+    assert options["log-level"] == level
+
+
+def test_bad_log_level_is_a_usage_error():
+    from twisted.python import usage
+
+    from elevgw.tap import Options
+
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(["--log-level", "chatty"])
+
+
+def test_default_log_level_is_info():
+    from elevgw.tap import Options
+
+    options = Options()
+    options.parseOptions([])
+    assert options["log-level"] == LogLevel.info

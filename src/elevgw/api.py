@@ -13,13 +13,13 @@ import time
 from typing import Any
 
 from klein import Klein
-from twisted.logger import Logger
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
 from elevgw import wire
 from elevgw.commands import SNAPSHOT_COMMAND, AnswerTimeout, DeviceOffline, DeviceWentOffline
 from elevgw.gateway import Gateway
+from elevgw.logs import Logger
 from elevgw.sessions import CLOSE_REVOKED
 from elevgw.snapshots import FileSnapshotStore, SnapshotStoreError
 from elevgw.store import Device, StoreUnavailable, hash_token, new_device_id, new_token

@@ -15,9 +15,9 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.logger import Logger
 
 from elevgw import wire
+from elevgw.logs import Logger
 from elevgw.sessions import SessionRegistry
 
 SNAPSHOT_COMMAND = "snapshot"
@@ -70,7 +70,7 @@ class CommandRouter:
         if self._metrics is not None:
             self._metrics.commands.labels("sent").inc()
             self._metrics.frames_out["command"] += 1
-        self.log.info(
+        self.log.debug(
             "command {command_id} {name} sent to {device_id}",
             command_id=command.id,
             name=name,

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.logger import Logger
 
 from elevgw import events, wire
 from elevgw.commands import CommandRouter
+from elevgw.logs import Logger
 from elevgw.metrics import Metrics
 from elevgw.sessions import DeviceSession, SessionRegistry
 from elevgw.snapshots import ISnapshotStore, SnapshotStoreError
@@ -209,7 +209,7 @@ class Gateway:
                 self.clock.seconds() - started
             )
             self.metrics.snapshot_bytes.observe(snapshot.size)
-            self.log.info(
+            self.log.debug(
                 "snapshot from {device_id} stored: {size} bytes at {url}",
                 device_id=device_id,
                 size=snapshot.size,
@@ -244,7 +244,7 @@ class Gateway:
 
     def _ack_received(self, session: DeviceSession, frame: wire.Frame) -> None:
         waiter = self.commands.claim(session.device_id, frame.id) if frame.id else None
-        self.log.info(
+        self.log.debug(
             "device {device_id} acked command {command_id}",
             device_id=session.device_id,
             command_id=frame.id,

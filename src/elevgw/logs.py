@@ -12,11 +12,28 @@ import json
 import sys
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, formatEvent
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import Logger as _TwistedLogger
 from zope.interface import implementer
 
 #: Set by ``makeService`` from ``--node-id`` so every line says which node wrote it.
 node_id = ""
+
+#: Events below this level are dropped where they are made (``--log-level``): ``twistd``
+#: writes every level it is given, and a per-command debug line at hundreds of commands a
+#: second costs more than the command.
+level = LogLevel.info
+
+
+class Logger(_TwistedLogger):
+    """``twisted.logger.Logger`` that drops events below ``elevgw.logs.level`` before any
+    formatting or observer work."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        if level < globals()["level"]:
+            return
+        super().emit(level, format, **kwargs)
+
 
 _FIELDS_KEPT = ("device_id", "event", "reason", "status", "code", "command_id", "count", "url")
 

@@ -14,7 +14,6 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -24,6 +23,7 @@ from elevgw.config import Settings
 from elevgw.device_ws import DeviceFactory
 from elevgw.gateway import Gateway
 from elevgw.listener import Listener
+from elevgw.logs import Logger
 from elevgw.metrics import MeasuredStore, Metrics
 from elevgw.sessions import CLOSE_GOING_AWAY
 from elevgw.snapshots import FileSnapshotStore

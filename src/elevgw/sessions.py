@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from twisted.logger import Logger
-
 from elevgw import events
+from elevgw.logs import Logger
 
 #: Seconds between batch writes of live sessions' ``last_seen`` (15,000 rows on a full node).
 LAST_SEEN_EVERY = 60.0

@@ -30,10 +30,10 @@ import attrs
 import txredisapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from elevgw.logs import Logger
 from elevgw.redis_url import parse_redis_url
 from elevgw.store import Device, IDeviceStore, LogEntry, StoreUnavailable
 

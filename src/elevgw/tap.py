@@ -13,6 +13,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+from twisted.logger import LogLevel
 from twisted.python import usage
 
 from elevgw.config import Settings, default_node_id
@@ -56,6 +57,16 @@ def _count(value: str) -> int:
 
 
 _count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def _log_level(value: str) -> LogLevel:
+    try:
+        return LogLevel.levelWithName(value.strip().lower())
+    except Exception:
+        raise ValueError("not a log level (debug, info, warn, error): {!r}".format(value))
+
+
+_log_level.coerceDoc = "debug, info, warn or error."  # type: ignore[attr-defined]
 
 
 def is_loopback_endpoint(description: str) -> bool:
@@ -177,6 +188,14 @@ class Options(usage.Options):
             _positive_int,
         ],
         ["oss-url-base", None, None, "Hand out plain URLs under this base (CDN, own domain)."],
+        [
+            "log-level",
+            None,
+            "info",
+            "Lowest level logged: debug (adds a line per command and snapshot), info, warn, "
+            "error.",
+            _log_level,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -202,6 +221,8 @@ class Options(usage.Options):
         return args
 
     def postOptions(self) -> None:
+        if isinstance(self["log-level"], str):  # the default, which usage does not coerce
+            self["log-level"] = _log_level(self["log-level"])
         if self["node-id"] is None:
             self["node-id"] = default_node_id()
         for name in ("public-url", "backend-url"):
@@ -285,6 +306,7 @@ def makeService(options: Options):
     from elevgw.service import ConfigError, GatewayService
 
     logs.node_id = options["node-id"]
+    logs.level = options["log-level"]
     # Every session keeps a few dozen GC-tracked objects alive (15,000 devices: ~600,000).
     # With CPython's default thresholds (700, 10, 10) a full collection then runs every
     # few seconds under load and stops the reactor for 0.2-0.8 s; with these, rarely.

@@ -40,7 +40,6 @@ from hyperlink import URL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -48,6 +47,7 @@ from zope.interface import implementer
 
 from elevgw import __version__
 from elevgw.events import DeviceStatus, IEventSink, SnapshotReady
+from elevgw.logs import Logger
 
 STATUS_PATH = "/api/device/status"
 SNAPSHOT_PATH = "/api/v1/devices/remote/snapshot/callback"
