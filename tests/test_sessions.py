@@ -205,3 +205,27 @@ def test_handshakes_beyond_the_pending_limit_get_a_quick_503():
         d.callback(None)
     for d in (second, third):
         d.addErrback(lambda f: f.trap(HandshakeRefused))
+
+
+def test_sessions_ending_together_make_one_last_seen_write():
+    from elevgw.gateway import Gateway
+
+    class SeenStore:
+        """Records the batches; the real stores' behaviour is the contract suite's job."""
+
+        def __init__(self):
+            self.batches = []
+
+        def record_last_seen(self, seen):
+            self.batches.append(dict(seen))
+            return succeed(None)
+
+    store, clock = SeenStore(), Clock()
+    gateway = Gateway(store, None, RecordingSink(), clock)
+    for number in range(100):
+        gateway.connected("dev_{}".format(number), FakeConnection())
+    clock.advance(3)
+    assert gateway.registry.end_all(events.OFFLINE_SHUTDOWN, CLOSE_GOING_AWAY) == 100
+    assert store.batches == []
+    clock.advance(0)
+    assert len(store.batches) == 1 and len(store.batches[0]) == 100
