@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 
 from elevgw import events, wire
 from elevgw.commands import CommandRouter
@@ -281,7 +281,7 @@ class Gateway:
         )
 
     def healthy(self) -> Deferred:
-        return self.store.ping() if self.store is not None else succeed(None)
+        return self.store.ping()
 
 
 def _settle(waiter: Deferred | None, result: Any = None, error: Exception | None = None) -> None:

@@ -20,43 +20,26 @@ from elevgw.config import Settings, default_node_id
 from elevgw.redis_url import parse_redis_url
 
 
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"not a number: {value!r}")
-    if not number > 0:
-        raise ValueError(f"must be greater than 0: {value!r}")
-    return number
+def _number(kind: type, minimum: float, doc: str) -> Any:
+    """A usage coerce function: ``kind`` (int or float) that must exceed ``minimum``."""
+    words = "a whole number" if kind is int else "a number"
+
+    def coerce(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"not {words}: {value!r}")
+        if not number > minimum:
+            raise ValueError(f"must be greater than {minimum}: {value!r}")
+        return number
+
+    coerce.coerceDoc = doc  # type: ignore[attr-defined]
+    return coerce
 
 
-_positive_float.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"not a whole number: {value!r}")
-    if number <= 0:
-        raise ValueError(f"must be greater than 0: {value!r}")
-    return number
-
-
-_positive_int.coerceDoc = "A whole number greater than 0."  # type: ignore[attr-defined]
-
-
-def _count(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError("not a whole number: {!r}".format(value))
-    if number < 0:
-        raise ValueError("must be 0 or more: {!r}".format(value))
-    return number
-
-
-_count.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+_positive_float = _number(float, 0, "Seconds, greater than 0.")
+_positive_int = _number(int, 0, "A whole number greater than 0.")
+_count = _number(int, -1, "A whole number, 0 or more.")
 
 
 def _log_level(value: str) -> LogLevel:
