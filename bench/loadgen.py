@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import gc
 import hashlib
 import ipaddress
 import json
@@ -148,6 +149,22 @@ def check_loopback_url(url: str) -> tuple[str, int]:
         raise SystemExit(f"refusing non-loopback target {url!r}: benchmarks stay on 127.0.0.0/8")
     default = 443 if parts.scheme in ("wss", "https") else 80
     return host, parts.port or default
+
+
+def spread_hosts(host: str, count: int) -> list[str]:
+    """The addresses to connect to: ``127.0.0.1`` becomes ``127.0.0.1`` … ``127.0.0.<count>``.
+
+    Linux picks a client's ephemeral port per destination (address, port), preferring even
+    ports: past about 14,000 connections from one address to one destination, every
+    ``connect()`` scans the whole range in the kernel (we measured it taking over half the
+    load generator's core at the end of a 15,000-device storm, capping it near 1,500
+    handshakes/s). Real fleets come from many addresses; spreading the destination over
+    loopback addresses gives each a port range of its own. The server must listen on all
+    interfaces (``bench/run.py`` does) or on each of these addresses.
+    """
+    if count <= 1 or host != "127.0.0.1":
+        return [host]
+    return [f"127.0.0.{i}" for i in range(1, min(count, 254) + 1)]
 
 
 def load_credentials(path: str, count: int | None = None) -> list[tuple[str, str]]:
@@ -702,6 +719,7 @@ class Worker:
         self.stats = Stats()
         self.host, self.port = check_loopback_url(args.ws_url)
         self.path = urlsplit(args.ws_url).path or "/ws"
+        self.connect_hosts = spread_hosts(self.host, args.spread)
         self.window = (math.inf, -math.inf)
         self.flooding = False
         self.stopping = False
@@ -768,8 +786,9 @@ class Worker:
         query = f"device_id={quote(device.device_id)}&token={quote(device.token)}"
         device.t_connect = time.monotonic()
         self.stats.connect_starts.append(device.t_connect)
+        hosts = self.connect_hosts
         self.reactor.connectTCP(
-            self.host,
+            hosts[hash(device.device_id) % len(hosts)],
             self.port,
             self.connector_class(self, device, f"{self.path}?{query}"),
             timeout=self.args.connect_timeout,
@@ -1074,6 +1093,12 @@ def run_worker(args: argparse.Namespace) -> int:
     command_sender = None
     if args.role == "commander":
         command_sender = CommandSender(args, [c[0] for c in all_creds], worker)
+    # A worker lives for one run and makes next to no cyclic garbage; a full collection of its
+    # thousands of connections stops it for 200+ ms, which would show up as the server's
+    # latency. So: no cyclic collector in the workers.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
 
     def hard_stop() -> None:
         worker.stats.counters["hard_stopped"] += 1
@@ -1283,6 +1308,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "linger",
         "client",
         "seed",
+        "spread",
     )
     out = []
     for name in names:
@@ -1386,8 +1412,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-url", default="http://127.0.0.1:8000")
     parser.add_argument(
         "--credentials",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "credentials.jsonl"),
-        help="JSON-lines credential cache",
+        default=os.path.join(tempfile.gettempdir(), "elevgw-bench-creds.jsonl"),
+        help="JSON-lines credential cache (the one bench/run.py uses)",
     )
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds")
@@ -1408,6 +1434,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--snapshot-size", type=int, default=200_000)
     parser.add_argument("--snapshot-interval", type=float, default=1.0)
     parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--spread",
+        type=int,
+        default=1,
+        help="connect to 127.0.0.1 … 127.0.0.N (the server must listen on all of them): each"
+        " destination gets its own ephemeral port range",
+    )
     parser.add_argument("--handshake-timeout", type=float, default=30.0)
     parser.add_argument(
         "--connect-retries", type=int, default=3, help="per device, except in a storm"

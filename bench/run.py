@@ -220,7 +220,8 @@ class Server:
             ]
             command += self.args.gateway_arg
         else:
-            command = [sys.executable, BASELINE, str(self.ws_port)]
+            # all interfaces, like the gateway's tcp:PORT, so that --spread reaches it
+            command = [sys.executable, BASELINE, str(self.ws_port), "--interface", "0.0.0.0"]
             if self.args.ws_backlog:
                 command += ["--backlog", str(self.args.ws_backlog)]
         self.command = command
@@ -321,6 +322,8 @@ def loadgen_command(args, name: str, params: dict, server: Server) -> list[str]:
         args.credentials,
         "--client",
         args.client,
+        "--spread",
+        str(args.spread),
         "--max-runtime",
         str(params["duration"] + 600),
     ]
@@ -815,6 +818,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--senders", type=int, default=50)
     parser.add_argument("--snapshot-size", type=int, default=200_000)
     parser.add_argument("--client", choices=("raw", "autobahn"), default="raw")
+    parser.add_argument(
+        "--spread",
+        type=int,
+        default=16,
+        help="load generator connects to 127.0.0.1 … 127.0.0.N (see loadgen.py --spread)",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--ws-backlog", type=int, default=None, help="append :backlog=N")
     parser.add_argument(

@@ -1,11 +1,18 @@
 """The northbound API over real HTTP: commands, snapshot requests, validation, the API key."""
 
 import base64
+import gc
+import json
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import ensureDeferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import globalLogPublisher
 
+from elevgw.api import APIRequest
 from images import tiny_jpeg, tiny_png
 from wsclient import connect_device
 
@@ -190,3 +197,99 @@ async def test_api_key_guards_every_route_but_healthz(gateway_factory):
         assert status == 401, path
     status, body = await gateway.call("GET", "/api/v1/devices")
     assert status == 200
+
+
+class _RawHTTP(Protocol):
+    """Everything the server sends until it closes: the answer as it went on the wire."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.done.callback(self.received)
+
+
+async def raw_post(gateway, path: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    protocol = _RawHTTP(
+        b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json"
+        b"\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data)
+    )
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", gateway.service.api_port())
+    await connectProtocol(endpoint, protocol)
+    return await protocol.done
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_is_answered_in_one_write_with_a_length(gateway):
+    """``/api/send`` skips Klein: the answer has a Content-Length, not chunked encoding."""
+    device_id, device = await online_device(gateway)
+    for body, status in (
+        ({"device_id": device_id, "command": "REBOOT"}, b"200"),
+        ({"command": "REBOOT"}, b"400"),
+    ):
+        answer = await raw_post(gateway, "/api/send", body)
+        head, _, content = answer.partition(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        assert lines[0].split()[1] == status
+        assert b"content-length: %d" % len(content) in lines
+        assert not any(line.startswith(b"transfer-encoding") for line in lines)
+        assert json.loads(content)
+    assert (await device.frame())["payload"] == "REBOOT"
+    await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_leaves_no_garbage_for_the_cyclic_collector(gateway):
+    """A command call is freed by reference counting alone (see ``APIResource``)."""
+    device_id, device = await online_device(gateway)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for body in (
+            {"device_id": device_id, "command": "REBOOT"},
+            {"device_id": "dev_nobody", "command": "REBOOT"},
+            {"command": "REBOOT"},
+        ):
+            await gateway.call("POST", "/api/send", body)
+        await gateway.call("GET", "/api/v1/devices")  # through Klein: leaves a cycle
+        gc.collect()
+        requests = [o for o in gc.garbage if isinstance(o, APIRequest)]
+    finally:
+        gc.set_debug(0)
+        del gc.garbage[:]
+    assert len(requests) == 1 and requests[0].path == b"/api/v1/devices"
+    await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_failing_unexpectedly_is_500_without_a_traceback(gateway, monkeypatch):
+    device_id, device = await online_device(gateway)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gateway.service.gateway.commands, "send", broken)
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        status, body = await gateway.call(
+            "POST", "/api/send", {"device_id": device_id, "command": "REBOOT"}
+        )
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert (status, body["error"]) == (500, "internal_error")
+    assert "boom" not in json.dumps(body)
+    failures = [e for e in logged if "log_failure" in e]
+    assert failures and failures[0]["log_failure"].check(RuntimeError)
+    monkeypatch.undo()
+    assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
+    await device.close()
