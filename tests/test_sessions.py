@@ -2,6 +2,7 @@
 
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from elevgw import events
@@ -229,3 +230,49 @@ def test_sessions_ending_together_make_one_last_seen_write():
     assert store.batches == []
     clock.advance(0)
     assert len(store.batches) == 1 and len(store.batches[0]) == 100
+
+
+def test_a_storm_of_lifecycle_lines_is_summed_up_once_a_second():
+    clock = Clock()
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        registry = SessionRegistry(clock, RecordingSink(), 30.0, lifecycle_lines_per_second=3)
+        sessions = [registry.attach(f"dev_{i}", FakeConnection()) for i in range(5)]
+        registry.detach(sessions[0])
+        lines = [e["device_id"] for e in logged if e.get("event") == "device_online"]
+        assert lines == ["dev_0", "dev_1", "dev_2"]
+        assert not [e for e in logged if e.get("event") == "log_lines_held"]
+        clock.advance(1.0)
+        held = [e for e in logged if e.get("event") == "log_lines_held"]
+        assert len(held) == 1
+        assert (held[0]["count"], held[0]["counts"]) == (3, "1 offline, 2 online")
+        # a new second has a new budget, and a quiet second writes no summary
+        registry.detach(sessions[1])
+        clock.advance(5.0)
+        offline = [e["device_id"] for e in logged if e.get("event") == "device_offline"]
+        assert offline == ["dev_1"]
+        assert len([e for e in logged if e.get("event") == "log_lines_held"]) == 1
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+
+
+def test_lifecycle_budget_zero_writes_every_line_and_stop_flushes():
+    clock = Clock()
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        every = SessionRegistry(clock, RecordingSink(), 30.0, lifecycle_lines_per_second=0)
+        for i in range(50):
+            every.attach(f"dev_{i}", FakeConnection())
+        assert len([e for e in logged if e.get("event") == "device_online"]) == 50
+        assert not clock.getDelayedCalls()
+        limited = SessionRegistry(clock, RecordingSink(), 30.0, lifecycle_lines_per_second=1)
+        limited.attach("dev_a", FakeConnection())
+        limited.attach("dev_b", FakeConnection())
+        limited.lifecycle_lines.stop()
+        held = [e for e in logged if e.get("event") == "log_lines_held"]
+        assert [(e["count"], e["counts"]) for e in held] == [(1, "1 online")]
+        assert not clock.getDelayedCalls()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)

@@ -58,6 +58,8 @@ def test_environment_fills_options_and_the_command_line_wins(monkeypatch):
         ["--heartbeat-timeout", "soon"],
         ["--sweep-interval", "0"],
         ["--max-message-size", "-5"],
+        ["--lifecycle-log-rate", "-1"],
+        ["--lifecycle-log-rate", "lots"],
         ["--backend-url", "ftp://x"],
         ["--public-url", "nohost"],
         ["--api-endpoint", "tcp:8000"],

@@ -28,6 +28,7 @@ class Settings:
     max_message_size: int = 8 * 1024 * 1024
     node_id: str = attrs.field(factory=default_node_id)
     drain_timeout: float = 10.0
+    lifecycle_log_rate: int = 100
     redis_prefix: str = "elevgw:"
     log_maxlen: int = 10000
     store_timeout: float = 2.0

@@ -45,6 +45,7 @@ class Gateway:
         node_id: str = "elevgw",
         metrics: Metrics | None = None,
         max_pending_handshakes: int = 2000,
+        lifecycle_log_rate: int = 100,
     ) -> None:
         self.max_pending_handshakes = max_pending_handshakes
         self._pending_seen: dict[str, float] = {}
@@ -61,6 +62,7 @@ class Gateway:
             heartbeat_timeout,
             record_last_seen=self._record_last_seen,
             metrics=metrics,
+            lifecycle_lines_per_second=lifecycle_log_rate,
         )
         self.commands = CommandRouter(self.registry, clock, metrics)
         self._frames_in = metrics.frames_in

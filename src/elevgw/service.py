@@ -80,6 +80,7 @@ class GatewayService(MultiService):
             heartbeat_timeout=settings.heartbeat_timeout,
             node_id=settings.node_id,
             metrics=self.metrics,
+            lifecycle_log_rate=settings.lifecycle_log_rate,
         )
         self.device_factory = DeviceFactory(
             self.gateway, settings.max_message_size, reactor=reactor
@@ -202,6 +203,7 @@ class GatewayService(MultiService):
         def release(_):
             if self._sweep.running:
                 self._sweep.stop()
+            self.gateway.registry.lifecycle_lines.stop()
             stopping = [MultiService.stopService(self), self.store.stop(), self.snapshots.stop()]
             return DeferredList(stopping, consumeErrors=True)
 

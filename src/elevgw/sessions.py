@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from elevgw import events
-from elevgw.logs import Logger
+from elevgw.logs import LineBudget, Logger
 
 #: Seconds between batch writes of live sessions' ``last_seen`` (15,000 rows on a full node).
 LAST_SEEN_EVERY = 60.0
@@ -61,9 +61,13 @@ class SessionRegistry:
         heartbeat_timeout: float,
         record_last_seen: Any = None,
         metrics: Any = None,
+        lifecycle_lines_per_second: int = 100,
     ) -> None:
         self._metrics = metrics
         self._clock = clock
+        self.lifecycle_lines = LineBudget(
+            clock, lifecycle_lines_per_second, self.log, "device online/offline"
+        )
         self._events = event_sink
         self.heartbeat_timeout = heartbeat_timeout
         self._record_last_seen = record_last_seen
@@ -105,12 +109,13 @@ class SessionRegistry:
                 event="takeover",
             )
             _close_quietly(old, CLOSE_TAKEN_OVER, "taken over by a newer connection")
-        self.log.info(
-            "device {device_id} online ({reason})",
-            device_id=device_id,
-            reason=reason,
-            event="device_online",
-        )
+        if self.lifecycle_lines.take("online"):
+            self.log.info(
+                "device {device_id} online ({reason})",
+                device_id=device_id,
+                reason=reason,
+                event="device_online",
+            )
         self._events.emit(events.DeviceStatus(device_id, "online", reason, _ms(self._clock)))
         return session
 
@@ -130,12 +135,13 @@ class SessionRegistry:
             self._metrics.offline.labels(reason).inc()
         if self._record_last_seen is not None:
             self._record_last_seen({session.device_id: session.last_active})
-        self.log.info(
-            "device {device_id} offline ({reason})",
-            device_id=session.device_id,
-            reason=reason,
-            event="device_offline",
-        )
+        if self.lifecycle_lines.take("offline"):
+            self.log.info(
+                "device {device_id} offline ({reason})",
+                device_id=session.device_id,
+                reason=reason,
+                event="device_offline",
+            )
         self._events.emit(
             events.DeviceStatus(session.device_id, "offline", reason, _ms(self._clock))
         )

@@ -134,6 +134,14 @@ class Options(usage.Options):
             "Seconds SIGTERM waits for sockets and webhooks.",
             _positive_float,
         ],
+        [
+            "lifecycle-log-rate",
+            None,
+            100,
+            "Device online/offline log lines a second; the rest are summed in one line"
+            " (0: every line).",
+            _count,
+        ],
         ["redis-prefix", None, "elevgw:", "Prefix of every Redis key."],
         ["log-maxlen", None, 10000, "Redis: cap of each device's log stream.", _positive_int],
         ["store-timeout", None, 2.0, "Seconds before a store call fails.", _positive_float],
@@ -265,6 +273,7 @@ class Options(usage.Options):
             max_message_size=self["max-message-size"],
             node_id=self["node-id"],
             drain_timeout=self["drain-timeout"],
+            lifecycle_log_rate=self["lifecycle-log-rate"],
             redis_prefix=self["redis-prefix"],
             log_maxlen=self["log-maxlen"],
             store_timeout=self["store-timeout"],
