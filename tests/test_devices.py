@@ -5,6 +5,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
+from elevgw import gateway as gateway_module
 from images import tiny_png
 from wsclient import connect_device
 
@@ -255,3 +256,18 @@ async def test_binary_frame_is_stored_as_a_snapshot(gateway):
 async def test_snapshot_keys_cannot_leave_the_folder(gateway, key):
     status, body = await gateway.call("GET", "/snapshots/" + key)
     assert status == 404, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_writes_every_last_seen_before_the_store_stops(gateway_factory, monkeypatch):
+    monkeypatch.setattr(gateway_module, "LAST_SEEN_CHUNK", 1)  # one store call per device
+    first = await gateway_factory()
+    devices = []
+    for _ in range(3):
+        creds = await first.register()
+        devices.append(await connect_device(first.ws_port, creds["device_id"], creds["token"]))
+    await first.service.stopService()
+    second = await gateway_factory()
+    status, body = await second.call("GET", "/api/v1/devices")
+    assert status == 200 and len(body["devices"]) == 3
+    assert all(d["last_seen"] is not None for d in body["devices"])

@@ -1,6 +1,6 @@
 """The session registry on a Clock: liveness sweep, takeover, ending sessions, event order."""
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
@@ -14,6 +14,7 @@ from elevgw.sessions import (
     LAST_SEEN_EVERY,
     SessionRegistry,
 )
+from elevgw.store import StoreUnavailable
 
 
 @implementer(events.IEventSink)
@@ -230,6 +231,56 @@ def test_sessions_ending_together_make_one_last_seen_write():
     assert store.batches == []
     clock.advance(0)
     assert len(store.batches) == 1 and len(store.batches[0]) == 100
+
+
+class ChunkStore:
+    """Holds every ``last_seen`` batch until the test fires it."""
+
+    def __init__(self):
+        self.batches = []
+
+    def record_last_seen(self, seen):
+        d = Deferred()
+        self.batches.append((dict(seen), d))
+        return d
+
+
+def end_many_sessions(count):
+    from elevgw.gateway import Gateway
+
+    store, clock = ChunkStore(), Clock()
+    gateway = Gateway(store, None, RecordingSink(), clock)
+    for number in range(count):
+        gateway.connected("dev_{}".format(number), FakeConnection())
+    gateway.registry.end_all(events.OFFLINE_SHUTDOWN, CLOSE_GOING_AWAY)
+    clock.advance(0)
+    return store
+
+
+def test_a_big_last_seen_batch_goes_to_the_store_in_chunks_one_after_the_other():
+    store = end_many_sessions(2500)
+    written = {}
+    for expected in (1000, 1000, 500):
+        assert len(store.batches) == 1, "the next chunk waits for the previous one"
+        seen, d = store.batches.pop()
+        assert len(seen) == expected
+        written.update(seen)
+        d.callback(None)
+    assert store.batches == []
+    assert len(written) == 2500
+
+
+def test_a_failing_last_seen_chunk_is_logged_and_ends_the_batch():
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        store = end_many_sessions(1500)
+        store.batches.pop()[1].errback(StoreUnavailable("store timed out"))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert store.batches == []
+    warnings = [e for e in logged if "could not record last_seen" in e.get("log_format", "")]
+    assert [(e["count"], e["error"]) for e in warnings] == [(1500, "store timed out")]
 
 
 def test_a_storm_of_lifecycle_lines_is_summed_up_once_a_second():

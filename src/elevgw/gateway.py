@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.python.failure import Failure
 
 from elevgw import events, wire
 from elevgw.commands import CommandRouter
@@ -21,6 +22,9 @@ from elevgw.metrics import Metrics
 from elevgw.sessions import DeviceSession, SessionRegistry
 from elevgw.snapshots import ISnapshotStore, SnapshotStoreError
 from elevgw.store import IDeviceStore, LogEntry, StoreUnavailable, token_matches
+
+#: Devices per store call when ``last_seen`` is written in bulk (see ``_write_last_seen``).
+LAST_SEEN_CHUNK = 1000
 
 
 class HandshakeRefused(Exception):
@@ -49,6 +53,7 @@ class Gateway:
     ) -> None:
         self.max_pending_handshakes = max_pending_handshakes
         self._pending_seen: dict[str, float] = {}
+        self._seen_writes: set[Deferred] = set()
         self._pending_handshakes = 0
         self.metrics = metrics = metrics if metrics is not None else Metrics(node_id)
         self.store = store
@@ -266,21 +271,44 @@ class Gateway:
 
     def _record_last_seen(self, seen: dict) -> None:
         """Queue ``last_seen`` writes and flush them together on the next reactor turn, so
-        15,000 sessions ending at once (a network blip, a drain) make one store write."""
+        15,000 sessions ending at once (a network blip, a drain) make one batch."""
         if not self._pending_seen:
             self.clock.callLater(0, self._flush_last_seen)
         self._pending_seen.update(seen)
 
     def _flush_last_seen(self) -> None:
+        if not self._pending_seen:
+            return
         seen, self._pending_seen = self._pending_seen, {}
-        d = self.store.record_last_seen(seen)
-        d.addErrback(
-            lambda f: self.log.warn(
-                "could not record last_seen of {count} devices: {error}",
-                count=len(seen),
-                error=f.getErrorMessage(),
-            )
-        )
+        writing = Deferred.fromCoroutine(self._write_last_seen(seen))
+        self._seen_writes.add(writing)
+        writing.addBoth(lambda _: self._seen_writes.discard(writing))
+
+    def last_seen_written(self) -> Deferred:
+        """Fires once every ``last_seen`` handed over so far is written or given up; a drain
+        waits for it before the store stops, or the last chunks would find it closed."""
+        self._flush_last_seen()
+        return DeferredList(list(self._seen_writes))
+
+    async def _write_last_seen(self, seen: dict) -> None:
+        """Hand the store ``LAST_SEEN_CHUNK`` devices at a time, each after the last is done.
+
+        The minute's batch is every live session. In one piece (15,000 devices) it cost
+        26 ms of JSON encoding on the reactor thread and a 70 ms statement competing with it
+        for the core, and the commands in flight then waited 100 ms; in chunks the reactor
+        runs between them.
+        """
+        items = list(seen.items())
+        for start in range(0, len(items), LAST_SEEN_CHUNK):
+            try:
+                await self.store.record_last_seen(dict(items[start : start + LAST_SEEN_CHUNK]))
+            except Exception:
+                self.log.warn(
+                    "could not record last_seen of {count} devices: {error}",
+                    count=len(items) - start,
+                    error=Failure().getErrorMessage(),
+                )
+                return
 
     def healthy(self) -> Deferred:
         return self.store.ping()

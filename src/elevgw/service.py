@@ -188,6 +188,8 @@ class GatewayService(MultiService):
         await _within(closing, self.settings.drain_timeout / 2, self.reactor)
         self.device_factory.abort_all()
         remaining = max(0.0, deadline - self.reactor.seconds())
+        await _within(self.gateway.last_seen_written(), remaining, self.reactor)
+        remaining = max(0.0, deadline - self.reactor.seconds())
         delivered = await _within(self.event_sink.drain(remaining), remaining, self.reactor)
         if delivered is False:
             self.log.warn(
