@@ -124,3 +124,16 @@ async def test_readyz_turns_503_while_draining(gateway_factory):
     assert (status, body["status"]) == (503, "draining")
     status, _ = await gateway.call("GET", "/healthz")
     assert status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_http_methods_share_one_label_value(gateway):
+    for method in ("BREW", "WHEN", "GET"):
+        response = await treq.request(method, gateway.base + "/api/send", reactor=reactor)
+        assert response.code == 405
+        await response.content()
+    samples = await scrape(gateway)
+    assert value(samples, "elevgw_api_requests_total", method="other", status="405") == 2
+    assert value(samples, "elevgw_api_requests_total", method="GET", status="405") == 1
+    methods = {dict(labels).get("method") for name, labels in samples if "api_requests" in name}
+    assert methods == {"other", "GET"}

@@ -426,7 +426,18 @@ class APISite(Site):
         metrics = api.gateway.metrics
         self._requests = metrics.api_requests
         self._seconds = metrics.api_seconds
+        self._counters: dict[tuple[bytes, int], Any] = {}
 
     def log(self, request: Any) -> None:
         self._seconds.observe(self.clock.seconds() - request.started)
-        self._requests.labels(request.method.decode("ascii", "replace"), str(request.code)).inc()
+        # Any token is a valid HTTP method, so unknown ones share one label value (a client
+        # must not grow the metric without bound); the labelled child is looked up once.
+        method = request.method if request.method in _METHODS else b"other"
+        key = (method, request.code)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self._requests.labels(method.decode(), str(key[1]))
+        counter.inc()
+
+
+_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"))
