@@ -16,6 +16,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 
+from elevgw import write_through
 from elevgw.gateway import Gateway, HandshakeRefused
 
 WS_PATH = "/ws"
@@ -117,6 +118,7 @@ class DeviceProtocol(WebSocketServerProtocol):
     def connectionMade(self):
         super().connectionMade()
         self.factory.open_connections.add(self)
+        write_through.install(self.transport)
 
     def connectionLost(self, reason=None):  # type: ignore[override]
         self._lost = True

@@ -1,0 +1,61 @@
+"""Writes to devices leave at once when nothing is queued, and queue in order when the
+device stops reading (``elevgw.write_through``)."""
+
+import pytest_twisted
+from twisted.internet import tcp
+from twisted.internet.testing import StringTransport
+
+from elevgw import write_through
+from wsclient import connect_device
+
+
+def server_transport(gateway):
+    (protocol,) = gateway.service.device_factory.open_connections
+    return protocol.transport
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_sockets_get_at_once_writes_and_twisted_keeps_its_queue(gateway):
+    creds = await gateway.register()
+    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+    transport = server_transport(gateway)
+    assert type(transport) is tcp.Server
+    assert transport.write.func is write_through._write
+    # The queue attributes the fast path reads, with the meaning it relies on.
+    assert transport._tempDataBuffer == [] and transport.dataBuffer == b""
+    assert transport.offset == 0 and transport._writeDisconnected is False
+    assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
+    await device.close()
+
+
+def test_other_transports_keep_twisted_write():
+    transport = StringTransport()
+    assert write_through.install(transport) is False
+    assert "write" not in vars(transport)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_that_stops_reading_still_gets_every_frame_in_order(gateway):
+    creds = await gateway.register()
+    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+    device.protocol.transport.pauseProducing()  # the device stops reading its socket
+    transport = server_transport(gateway)
+    blob = "x" * 60_000
+    ids = []
+    queued = False
+    for _ in range(150):  # 9 MB: more than the socket buffers hold
+        status, body = await gateway.call(
+            "POST",
+            "/api/send",
+            {"device_id": creds["device_id"], "command": "FILL", "data": {"blob": blob}},
+        )
+        assert status == 200
+        ids.append(body["id"])
+        queued = queued or bool(transport._tempDataBuffer or transport.dataBuffer)
+    assert queued, "the socket never filled: the test did not reach Twisted's queue"
+    device.protocol.transport.resumeProducing()
+    received = [await device.frame(timeout=10) for _ in ids]
+    assert [frame["id"] for frame in received] == ids
+    assert all(frame["data"]["blob"] == blob for frame in received)
+    assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
+    await device.close()
