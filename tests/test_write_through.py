@@ -59,3 +59,56 @@ async def test_a_device_that_stops_reading_still_gets_every_frame_in_order(gatew
     assert all(frame["data"]["blob"] == blob for frame in received)
     assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
     await device.close()
+
+
+def self_signed(folder):
+    """A key and certificate for 127.0.0.1 in ``folder``: ``(key path, cert path)``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_path, cert_path = folder / "key.pem", folder / "cert.pem"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_device_sockets_keep_twisted_write_and_work(gateway_factory, tmp_path):
+    key, cert = self_signed(tmp_path)
+    gateway = await gateway_factory(
+        ws_endpoint=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    )
+    creds = await gateway.register()
+    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"], tls=True)
+    transport = server_transport(gateway)
+    assert type(transport) is not tcp.Server  # TLS wraps the socket's transport
+    assert getattr(transport.write, "func", None) is not write_through._write
+    assert (await device.request({"type": "heartbeat"}))["type"] == "pong"
+    status, body = await gateway.call(
+        "POST", "/api/send", {"device_id": creds["device_id"], "command": "REBOOT"}
+    )
+    assert status == 200 and (await device.frame())["id"] == body["id"]
+    await device.close()

@@ -6,7 +6,7 @@ import json
 from urllib.parse import urlencode
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, endpoints, reactor, ssl
 
 
 class _Protocol(WebSocketClientProtocol):
@@ -77,19 +77,27 @@ class TestDevice:
 
 
 async def connect_device(
-    port: int, device_id: str, token: str, path: str = "/ws", headers=None, max_size: int = 0
+    port: int,
+    device_id: str,
+    token: str,
+    path: str = "/ws",
+    headers=None,
+    max_size: int = 0,
+    tls: bool = False,
 ) -> TestDevice:
     query = (
         urlencode({"device_id": device_id, "token": token})
         if token
         else urlencode({"device_id": device_id})
     )
-    url = f"ws://127.0.0.1:{port}{path}?{query}"
+    url = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}{path}?{query}"
     device = TestDevice()
     factory = WebSocketClientFactory(url, headers=headers or {})
     factory.protocol = _Protocol
     factory.device = device
     factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=5, closeHandshakeTimeout=2)
     endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    if tls:  # the test certificate is self-signed: encrypt, do not verify
+        endpoint = endpoints.wrapClientTLS(ssl.CertificateOptions(), endpoint)
     await endpoint.connect(factory)
     return await device._open
