@@ -1,5 +1,7 @@
-"""Writes to devices leave at once when nothing is queued, and queue in order when the
-device stops reading (``elevgw.write_through``)."""
+"""Writes to devices leave at once when nothing is queued, together when they answer one
+read, and queue in order when the device stops reading (``elevgw.write_through``)."""
+
+import json
 
 import pytest_twisted
 from twisted.internet import tcp
@@ -111,4 +113,26 @@ async def test_tls_device_sockets_keep_twisted_write_and_work(gateway_factory, t
         "POST", "/api/send", {"device_id": creds["device_id"], "command": "REBOOT"}
     )
     assert status == 200 and (await device.frame())["id"] == body["id"]
+    await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_to_frames_that_came_together_leave_in_one_send(gateway):
+    creds = await gateway.register()
+    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+    transport = server_transport(gateway)
+    sends = []
+    send = transport.writeSomeData
+
+    def counted(data):
+        sends.append(bytes(data))
+        return send(data)
+
+    transport.writeSomeData = counted
+    payload = json.dumps({"type": "heartbeat"}).encode()
+    masked = bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload  # a zero mask
+    device.protocol.transport.write(masked * 8)  # eight frames in one segment
+    pongs = [await device.frame() for _ in range(8)]
+    assert [pong["type"] for pong in pongs] == ["pong"] * 8
+    assert len(sends) == 1 and sends[0].count(b'"pong"') == 8
     await device.close()

@@ -120,6 +120,11 @@ class DeviceProtocol(WebSocketServerProtocol):
         self.factory.open_connections.add(self)
         write_through.install(self.transport)
 
+    def dataReceived(self, data):
+        # The answers to every frame in this read leave in one send (see write_through).
+        with write_through.held(self.transport):
+            super().dataReceived(data)
+
     def connectionLost(self, reason=None):  # type: ignore[override]
         self._lost = True
         super().connectionLost(reason)

@@ -11,6 +11,11 @@ Only an empty queue is skipped: anything already queued keeps its order, so a de
 stops reading fills its socket buffer, then Twisted's queue, exactly as before. TLS
 transports and anything that is not a plain ``tcp.Server`` keep Twisted's write.
 
+While the protocol handles one read (``held``), its writes are held and leave together at
+the end of it: a device that sends eight heartbeats in one segment gets its eight pongs in
+one send, as Twisted's queue would have made them, instead of eight (a flood of pipelined
+heartbeats: 87 % of the bare Autobahn server without this).
+
 This reads ``FileDescriptor``'s queue attributes (``_tempDataBuffer``, ``dataBuffer``,
 ``offset``, ``_writeDisconnected``), unchanged since Twisted 8. ``tests/test_write_through.py``
 fails if they ever change meaning.
@@ -18,7 +23,9 @@ fails if they ever change meaning.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet import tcp
@@ -31,11 +38,35 @@ def install(transport: Any) -> bool:
     TCP."""
     if type(transport) is not tcp.Server or transport.TLS:
         return False
+    transport.elevgw_held = None  # type: ignore[attr-defined]
     transport.write = functools.partial(_write, transport)  # type: ignore[method-assign]
     return True
 
 
+@contextlib.contextmanager
+def held(transport: Any) -> Iterator[None]:
+    """Hold the writes made inside the block and send them as one when it ends.
+
+    A ``loseConnection`` inside the block is safe: Twisted closes on its next pass, after
+    what is queued by then, and the held bytes are queued at the end of the block."""
+    if getattr(transport, "elevgw_held", 0) is not None:  # not installed, or nested
+        yield
+        return
+    chunks: list[bytes] = []
+    transport.elevgw_held = chunks
+    try:
+        yield
+    finally:
+        transport.elevgw_held = None
+        if chunks:
+            _write(transport, b"".join(chunks))
+
+
 def _write(transport: Any, data: bytes) -> None:
+    chunks = transport.elevgw_held
+    if chunks is not None:
+        chunks.append(data)
+        return
     if (
         transport._tempDataBuffer
         or transport.offset < len(transport.dataBuffer)
