@@ -2,9 +2,11 @@
 read, and queue in order when the device stops reading (``elevgw.write_through``)."""
 
 import json
+import socket
 
 import pytest_twisted
-from twisted.internet import tcp
+from twisted.internet import reactor, tcp
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 
 from elevgw import write_through
@@ -136,3 +138,22 @@ async def test_answers_to_frames_that_came_together_leave_in_one_send(gateway):
     assert [pong["type"] for pong in pongs] == ["pong"] * 8
     assert len(sends) == 1 and sends[0].count(b'"pong"') == 8
     await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_to_a_broken_socket_is_left_to_the_reactor(gateway):
+    creds = await gateway.register()
+    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+    (protocol,) = gateway.service.device_factory.open_connections
+    transport = protocol.transport
+    transport.socket.shutdown(socket.SHUT_WR)  # from now on every send fails (EPIPE)
+    protocol.send_frame(b'{"type":"command","id":"cmd_x","payload":"REBOOT"}')
+    # No exception: the frame went to Twisted's queue, whose next write finds the socket broken.
+    assert transport._tempDataBuffer or transport.dataBuffer
+    await device.closed
+    registry = gateway.service.gateway.registry
+    for _ in range(100):
+        if registry.get(creds["device_id"]) is None:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert registry.get(creds["device_id"]) is None
