@@ -31,8 +31,8 @@ a line), filled by ``provision``::
     # or in bulk, straight into a (stopped or running) gateway's SQLite file:
     python bench/loadgen.py provision --sqlite elevgw.sqlite3 --devices 15000
 
-Bulk provisioning writes rows into the ``devices`` table of ``elevgw.store_sqlite.SCHEMA``
-(``device_id``, ``location``, ``token_hash`` = ``elevgw.store.hash_token(token)``, ``created``
+Bulk provisioning writes rows into the ``devices`` table of ``elevgw.stores.sqlite.SCHEMA``
+(``device_id``, ``location``, ``token_hash`` = ``elevgw.stores.interfaces.hash_token(token)``, ``created``
 in epoch seconds, ``last_seen`` NULL), creating the schema if the file is new; tokens missing
 from the cache are generated the way the API does (``dev_`` + 16 hex, 32 random bytes
 url-safe). The cache is reused across runs, so every fresh store gets the same devices.
@@ -236,11 +236,11 @@ def ensure_local_credentials(path: str, count: int) -> list[tuple[str, str]]:
 
 
 def provision_sqlite(db_path: str, creds: list[tuple[str, str]]) -> int:
-    """Insert ``creds`` into the gateway's SQLite store (schema from ``elevgw.store_sqlite``)."""
+    """Insert ``creds`` into the gateway's SQLite store (schema from ``elevgw.stores.sqlite``)."""
     import sqlite3
 
-    from elevgw.store import hash_token
-    from elevgw.store_sqlite import SCHEMA
+    from elevgw.stores.interfaces import hash_token
+    from elevgw.stores.sqlite import SCHEMA
 
     connection = sqlite3.connect(db_path, timeout=30)
     try:

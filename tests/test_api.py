@@ -12,7 +12,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 
-from elevgw.api import APIRequest
+from elevgw.north.api import APIRequest
 from images import tiny_jpeg, tiny_png
 from wsclient import connect_device
 

@@ -5,7 +5,7 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from elevgw import gateway as gateway_module
+from elevgw.core import gateway as gateway_module
 from images import tiny_png
 from wsclient import connect_device
 

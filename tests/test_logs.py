@@ -13,7 +13,7 @@ import time
 import pytest
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
-from elevgw import logs
+from elevgw.observe import logs
 
 
 def test_json_lines_carry_structured_fields_and_the_node():
@@ -77,7 +77,7 @@ def wait_for(predicate, seconds=20.0):
 
 
 def test_twistd_runs_logs_json_and_exits_cleanly_on_sigterm(tmp_path):
-    """The real command line: ``twistd --logger elevgw.logs.json_lines -n elevgw``."""
+    """The real command line: ``twistd --logger elevgw.observe.logs.json_lines -n elevgw``."""
     import urllib.request
 
     ws_port, api_port = free_port(), free_port()
@@ -88,7 +88,7 @@ def test_twistd_runs_logs_json_and_exits_cleanly_on_sigterm(tmp_path):
             "-c",
             "from twisted.scripts.twistd import run; run()",
             "--logger",
-            "elevgw.logs.json_lines",
+            "elevgw.observe.logs.json_lines",
             "--pidfile",
             "",
             "-n",

@@ -25,10 +25,10 @@ from twisted.internet.task import deferLater
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
-from elevgw import logs
-from elevgw.redis_url import RedisAddress
-from elevgw.store import hash_token
-from elevgw.store_redis import RedisStore
+from elevgw.observe import logs
+from elevgw.stores.interfaces import hash_token
+from elevgw.stores.redis import RedisStore
+from elevgw.stores.redis_url import RedisAddress
 from elevgw.tap import Options, makeService
 from images import tiny_png
 from wsclient import connect_device

@@ -5,8 +5,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
-from elevgw import events
-from elevgw.sessions import (
+from elevgw.core.sessions import (
     CLOSE_GOING_AWAY,
     CLOSE_REVOKED,
     CLOSE_TAKEN_OVER,
@@ -14,7 +13,8 @@ from elevgw.sessions import (
     LAST_SEEN_EVERY,
     SessionRegistry,
 )
-from elevgw.store import StoreUnavailable
+from elevgw.events import model as events
+from elevgw.stores.interfaces import StoreUnavailable
 
 
 @implementer(events.IEventSink)
@@ -174,8 +174,8 @@ def test_event_timestamps_are_epoch_milliseconds_of_the_clock():
 def test_handshakes_beyond_the_pending_limit_get_a_quick_503():
     from twisted.internet.defer import Deferred
 
-    from elevgw.gateway import Gateway, HandshakeRefused
-    from elevgw.store import Device, hash_token
+    from elevgw.core.gateway import Gateway, HandshakeRefused
+    from elevgw.stores.interfaces import Device, hash_token
 
     class SlowStore:
         """A store whose lookups answer only when the test says so."""
@@ -210,7 +210,7 @@ def test_handshakes_beyond_the_pending_limit_get_a_quick_503():
 
 
 def test_sessions_ending_together_make_one_last_seen_write():
-    from elevgw.gateway import Gateway
+    from elevgw.core.gateway import Gateway
 
     class SeenStore:
         """Records the batches; the real stores' behaviour is the contract suite's job."""
@@ -246,7 +246,7 @@ class ChunkStore:
 
 
 def end_many_sessions(count):
-    from elevgw.gateway import Gateway
+    from elevgw.core.gateway import Gateway
 
     store, clock = ChunkStore(), Clock()
     gateway = Gateway(store, None, RecordingSink(), clock)

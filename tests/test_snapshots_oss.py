@@ -22,8 +22,8 @@ from twisted.internet import task
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface.verify import verifyObject
 
-from elevgw.snapshots import ISnapshotStore, SnapshotStoreError, StoredSnapshot
-from elevgw.snapshots_oss import (
+from elevgw.snapshots.interfaces import ISnapshotStore, SnapshotStoreError, StoredSnapshot
+from elevgw.snapshots.oss import (
     OSSSnapshotStore,
     SnapshotStoreTimeout,
     from_spec,

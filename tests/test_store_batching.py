@@ -6,8 +6,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 
 from elevgw.listener import with_backlog
-from elevgw.store import Device, StoreUnavailable
-from elevgw.store_sqlite import SQLiteStore
+from elevgw.stores.interfaces import Device, StoreUnavailable
+from elevgw.stores.sqlite import SQLiteStore
 
 
 @pytest_twisted.async_yield_fixture

@@ -16,8 +16,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
-from elevgw.redis_url import RedisAddress, parse_redis_url
-from elevgw.store import (
+from elevgw.stores.interfaces import (
     Device,
     IDeviceStore,
     LogEntry,
@@ -26,8 +25,9 @@ from elevgw.store import (
     new_device_id,
     new_token,
 )
-from elevgw.store_redis import RedisStore
-from elevgw.store_sqlite import SQLiteStore
+from elevgw.stores.redis import RedisStore
+from elevgw.stores.redis_url import RedisAddress, parse_redis_url
+from elevgw.stores.sqlite import SQLiteStore
 
 # The lead's conftest will import these fixtures for every module; until then this one asks.
 pytest_plugins = ["redis_support"]

@@ -21,8 +21,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.web.server import Site
 
-from elevgw.events import DeviceStatus, SnapshotReady
-from elevgw.webhooks import (
+from elevgw.events.model import DeviceStatus, SnapshotReady
+from elevgw.events.webhooks import (
     DELIVERED,
     FAILED,
     REJECTED,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from elevgw import wire
+from elevgw.core import wire
 
 DEVICE = "dev_0011223344556677"
 

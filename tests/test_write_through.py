@@ -1,5 +1,5 @@
 """Writes to devices leave at once when nothing is queued, together when they answer one
-read, and queue in order when the device stops reading (``elevgw.write_through``)."""
+read, and queue in order when the device stops reading (``elevgw.south.fast_write``)."""
 
 import json
 import socket
@@ -9,7 +9,7 @@ from twisted.internet import reactor, tcp
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 
-from elevgw import write_through
+from elevgw.south import fast_write as write_through
 from wsclient import connect_device
 
 

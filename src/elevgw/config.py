@@ -45,7 +45,7 @@ class Settings:
     oss_url_base: str | None = None
 
     def oss_options(self) -> dict:
-        """Keyword arguments for ``elevgw.snapshots_oss.from_spec``."""
+        """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""
         options = dict(
             pool_size=self.oss_pool_size,
             timeout=self.oss_timeout,

@@ -17,19 +17,19 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from elevgw import events
-from elevgw.api import APISite, DeviceAPI
 from elevgw.config import Settings
-from elevgw.device_ws import DeviceFactory
-from elevgw.gateway import Gateway
+from elevgw.core.gateway import Gateway
+from elevgw.core.sessions import CLOSE_GOING_AWAY
+from elevgw.events import model as events
+from elevgw.events.webhooks import WebhookSink
 from elevgw.listener import Listener
-from elevgw.logs import Logger
-from elevgw.metrics import MeasuredStore, Metrics
-from elevgw.sessions import CLOSE_GOING_AWAY
-from elevgw.snapshots import FileSnapshotStore
-from elevgw.store import IDeviceStore
-from elevgw.store_sqlite import SQLiteStore
-from elevgw.webhooks import WebhookSink
+from elevgw.north.api import APISite, DeviceAPI
+from elevgw.observe.logs import Logger
+from elevgw.observe.metrics import MeasuredStore, Metrics
+from elevgw.snapshots.files import FileSnapshotStore
+from elevgw.south.protocol import DeviceFactory
+from elevgw.stores.interfaces import IDeviceStore
+from elevgw.stores.sqlite import SQLiteStore
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,7 @@ def make_store(settings: Settings, reactor: Any) -> IDeviceStore:
         return SQLiteStore(path, reactor)
     if spec.startswith("redis://"):
         # Imported only when chosen: importing txredisapi installs the global reactor.
-        from elevgw.store_redis import RedisStore
+        from elevgw.stores.redis import RedisStore
 
         try:
             return RedisStore(
@@ -121,7 +121,7 @@ class GatewayService(MultiService):
                 raise ConfigError("--snapshots file: needs a folder, e.g. file:snapshots")
             return FileSnapshotStore(path, self.public_url, self.reactor, self.threadpool)
         if spec.startswith("oss://"):
-            from elevgw.snapshots_oss import from_spec
+            from elevgw.snapshots.oss import from_spec
 
             try:
                 return from_spec(spec, os.environ, self.reactor, **self.settings.oss_options())

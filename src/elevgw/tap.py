@@ -17,7 +17,7 @@ from twisted.logger import LogLevel
 from twisted.python import usage
 
 from elevgw.config import Settings, default_node_id
-from elevgw.redis_url import parse_redis_url
+from elevgw.stores.redis_url import parse_redis_url
 
 
 def _number(kind: type, minimum: float, doc: str) -> Any:
@@ -244,7 +244,7 @@ class Options(usage.Options):
             )
         snapshots = self["snapshots"]
         if snapshots.startswith("oss://"):
-            from elevgw.snapshots_oss import from_spec
+            from elevgw.snapshots.oss import from_spec
 
             try:
                 from_spec(snapshots, os.environ, None, **self.settings().oss_options())
@@ -294,7 +294,7 @@ class Options(usage.Options):
 def makeService(options: Options):
     from twisted.internet import reactor
 
-    from elevgw import logs
+    from elevgw.observe import logs
     from elevgw.service import ConfigError, GatewayService
 
     logs.node_id = options["node-id"]

@@ -1,6 +1,6 @@
 """Log output for operators: JSON lines for log shippers.
 
-Run ``twistd --logger elevgw.logs.json_lines -n elevgw`` to get one JSON object per line on
+Run ``twistd --logger elevgw.observe.logs.json_lines -n elevgw`` to get one JSON object per line on
 standard output instead of twistd's text lines. Every event carries the structured fields the
 gateway logs with (``device_id``, ``event``, ``reason``, …) plus ``node`` (``--node-id``),
 ``level``, ``namespace``, ``time`` (epoch seconds) and the formatted ``message``.
@@ -26,7 +26,7 @@ level = LogLevel.info
 
 
 class Logger(_TwistedLogger):
-    """``twisted.logger.Logger`` that drops events below ``elevgw.logs.level`` before any
+    """``twisted.logger.Logger`` that drops events below ``elevgw.observe.logs.level`` before any
     formatting or observer work."""
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
@@ -122,5 +122,5 @@ def _plain(value: Any) -> Any:
 
 
 def json_lines() -> JSONLinesObserver:
-    """The observer factory named by ``twistd --logger elevgw.logs.json_lines``."""
+    """The observer factory named by ``twistd --logger elevgw.observe.logs.json_lines``."""
     return JSONLinesObserver(sys.stdout)

@@ -1,7 +1,7 @@
 """What the gateway does with a device: admit it, and act on each frame it sends.
 
 ``Gateway`` ties the session registry, the command router and the stores together. The
-Autobahn protocol (``elevgw.device_ws``) only translates WebSocket events into calls here,
+Autobahn protocol (``elevgw.south.protocol``) only translates WebSocket events into calls here,
 so everything below is tested with fake connections and a ``Clock``.
 
 The hot path is a heartbeat: parse, refresh ``last_active``, answer ``pong``; no store round
@@ -15,13 +15,14 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.python.failure import Failure
 
-from elevgw import events, wire
-from elevgw.commands import CommandRouter
-from elevgw.logs import Logger
-from elevgw.metrics import Metrics
-from elevgw.sessions import DeviceSession, SessionRegistry
-from elevgw.snapshots import ISnapshotStore, SnapshotStoreError
-from elevgw.store import IDeviceStore, LogEntry, StoreUnavailable, token_matches
+from elevgw.core import wire
+from elevgw.core.commands import CommandRouter
+from elevgw.core.sessions import DeviceSession, SessionRegistry
+from elevgw.events import model as events
+from elevgw.observe.logs import Logger
+from elevgw.observe.metrics import Metrics
+from elevgw.snapshots.interfaces import ISnapshotStore, SnapshotStoreError
+from elevgw.stores.interfaces import IDeviceStore, LogEntry, StoreUnavailable, token_matches
 
 #: Devices per store call when ``last_seen`` is written in bulk (see ``_write_last_seen``).
 LAST_SEEN_CHUNK = 1000

@@ -14,8 +14,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from zope.interface import implementer
 
-from elevgw import __version__, wire
-from elevgw.store import IDeviceStore
+from elevgw import __version__
+from elevgw.core import wire
+from elevgw.stores.interfaces import IDeviceStore
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SIZE_BUCKETS = (1024, 8192, 32768, 131072, 262144, 524288, 1048576, 2097152, 4194304, 8388608)

@@ -18,13 +18,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
-from elevgw import wire
-from elevgw.commands import SNAPSHOT_COMMAND, AnswerTimeout, DeviceOffline, DeviceWentOffline
-from elevgw.gateway import Gateway
-from elevgw.logs import Logger
-from elevgw.sessions import CLOSE_REVOKED
-from elevgw.snapshots import FileSnapshotStore, SnapshotStoreError
-from elevgw.store import Device, StoreUnavailable, hash_token, new_device_id, new_token
+from elevgw.core import wire
+from elevgw.core.commands import SNAPSHOT_COMMAND, AnswerTimeout, DeviceOffline, DeviceWentOffline
+from elevgw.core.gateway import Gateway
+from elevgw.core.sessions import CLOSE_REVOKED
+from elevgw.observe.logs import Logger
+from elevgw.snapshots.files import FileSnapshotStore
+from elevgw.snapshots.interfaces import SnapshotStoreError
+from elevgw.stores.interfaces import Device, StoreUnavailable, hash_token, new_device_id, new_token
 
 MAX_BODY = 64 * 1024
 MAX_LOCATION = 200

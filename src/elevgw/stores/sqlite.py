@@ -15,7 +15,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from elevgw.store import Device, IDeviceStore, LogEntry, StoreUnavailable
+from elevgw.stores.interfaces import Device, IDeviceStore, LogEntry, StoreUnavailable
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS devices (

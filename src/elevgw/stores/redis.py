@@ -33,9 +33,9 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from elevgw.logs import Logger
-from elevgw.redis_url import parse_redis_url
-from elevgw.store import Device, IDeviceStore, LogEntry, StoreUnavailable
+from elevgw.observe.logs import Logger
+from elevgw.stores.interfaces import Device, IDeviceStore, LogEntry, StoreUnavailable
+from elevgw.stores.redis_url import parse_redis_url
 
 log = Logger()
 

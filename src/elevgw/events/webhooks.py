@@ -1,4 +1,4 @@
-"""Webhooks: delivering lifecycle events (``elevgw.events``) to the backend over HTTP.
+"""Webhooks: delivering lifecycle events (``elevgw.events.model``) to the backend over HTTP.
 
 ``WebhookSink`` is the ``IEventSink`` used when ``--backend-url`` is set. ``emit`` only builds
 the request body and queues it; delivery happens behind it, so a slow or dead backend never
@@ -46,8 +46,8 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from elevgw import __version__
-from elevgw.events import DeviceStatus, IEventSink, SnapshotReady
-from elevgw.logs import Logger
+from elevgw.events.model import DeviceStatus, IEventSink, SnapshotReady
+from elevgw.observe.logs import Logger
 
 STATUS_PATH = "/api/device/status"
 SNAPSHOT_PATH = "/api/v1/devices/remote/snapshot/callback"

@@ -16,8 +16,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 
-from elevgw import write_through
-from elevgw.gateway import Gateway, HandshakeRefused
+from elevgw.core.gateway import Gateway, HandshakeRefused
+from elevgw.south import fast_write as write_through
 
 WS_PATH = "/ws"
 

@@ -34,8 +34,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from elevgw.logs import Logger
-from elevgw.snapshots import (
+from elevgw.observe.logs import Logger
+from elevgw.snapshots.interfaces import (
     IMAGE_TYPES,
     ISnapshotStore,
     SnapshotStoreError,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from elevgw import events
-from elevgw.logs import LineBudget, Logger
+from elevgw.events import model as events
+from elevgw.observe.logs import LineBudget, Logger
 
 #: Seconds between batch writes of live sessions' ``last_seen`` (15,000 rows on a full node).
 LAST_SEEN_EVERY = 60.0

@@ -16,9 +16,9 @@ from typing import Any
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 
-from elevgw import wire
-from elevgw.logs import Logger
-from elevgw.sessions import SessionRegistry
+from elevgw.core import wire
+from elevgw.core.sessions import SessionRegistry
+from elevgw.observe.logs import Logger
 
 SNAPSHOT_COMMAND = "snapshot"
 
