@@ -15,7 +15,7 @@ Each run appends one JSON line to ``bench/results.jsonl``; the table in
 rewritten with this invocation's runs, the command line and the date::
 
     python bench/run.py --quick                 # smoke run: 1,000 devices, 20 s
-    python bench/run.py                         # the issue's sizes: 15,000 devices, 2 min
+    python bench/run.py                         # full size: 15,000 devices, 2 min
     python bench/run.py --scenarios flood,storm --profile /tmp/profiles
     python bench/run.py --pythonpath /tmp/patched/src --label patched --no-docs
 
@@ -572,7 +572,7 @@ def format_summary(summary: dict) -> str:
 
 
 def judge(record: dict, baseline: dict | None) -> dict:
-    """The issue-7 targets for one gateway run (``None`` where a figure is missing)."""
+    """The capacity targets, met or not, for one gateway run (``None`` where a figure is missing)."""
     name = record["scenario"]
     r = record.get("result", {})
     server = record.get("server", {})

@@ -2,7 +2,7 @@
 """Simulated elevator display devices for any elevgw gateway.
 
 A standalone tool: it speaks only the device WebSocket protocol and the registration route of
-the northbound API (see SPEC.md), and imports nothing from the gateway package.
+the northbound API (see README.rst and docs/protocol.rst), and imports nothing from the gateway package.
 
 One device, with credentials you already have::
 
@@ -64,7 +64,7 @@ DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 REGISTER_PATH = "/api/v1/devices/register"
 USER_AGENT = "elevgw-mock-device"
 
-#: Close codes after which a device does not reconnect (SPEC: takeover, revocation).
+#: Close codes after which a device does not reconnect: taken over, revoked.
 CLOSE_TAKEN_OVER = 4001
 CLOSE_REVOKED = 4003
 CLOSE_NORMAL = 1000

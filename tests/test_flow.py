@@ -1,4 +1,4 @@
-"""The seed's three-step flow, end to end over real sockets: register, connect, snapshot."""
+"""The README's three-step flow, end to end over real sockets: register, connect, snapshot."""
 
 import base64
 

@@ -1,0 +1,62 @@
+"""What ships besides the code: the licence, the changelog, the systemd unit."""
+
+import configparser
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.python.reflect import namedAny
+
+import elevgw
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "contrib" / "elevgw.service"
+
+
+def read_unit() -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string(UNIT.read_text(encoding="utf-8"))
+    return unit
+
+
+def test_license_is_the_mit_license_setup_cfg_declares():
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert setup["metadata"]["license"] == "MIT"
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_changelog_has_an_entry_for_the_current_version():
+    assert f"\n{elevgw.__version__} " in (ROOT / "CHANGELOG.rst").read_text()
+
+
+def test_systemd_unit_runs_twistd_in_the_foreground_with_a_logger_that_exists():
+    service = read_unit()["Service"]
+    command = shlex.split(service["ExecStart"])
+    assert command[0].endswith("/twistd") and "-n" in command
+    assert command[-1] == "elevgw"
+    logger = command[command.index("--logger") + 1]
+    assert callable(namedAny(logger))
+    assert service["KillSignal"] == "SIGTERM"
+    assert int(service["TimeoutStopSec"]) > 10  # longer than the default --drain-timeout
+    assert int(service["LimitNOFILE"]) >= 65536
+    assert read_unit()["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    """Where systemd is installed; the test above checks the unit everywhere else."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return
+    twistd = Path(sys.executable).with_name("twistd")
+    assert twistd.exists(), "twistd is installed next to this Python"
+    unit = tmp_path / "elevgw.service"
+    # verify checks that ExecStart's binary exists: point it at this environment's twistd.
+    unit.write_text(UNIT.read_text().replace("/opt/elevgw/.venv/bin/twistd", str(twistd)))
+    result = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
