@@ -14,8 +14,8 @@ from elevgw.snapshots.interfaces import (
     ISnapshotStore,
     SnapshotStoreError,
     StoredSnapshot,
-    sniff_image_type,
     snapshot_key,
+    sniff_image_type,
 )
 
 
