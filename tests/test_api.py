@@ -14,13 +14,7 @@ from twisted.logger import globalLogPublisher
 
 from elevgw.north.api import APIRequest
 from images import tiny_jpeg, tiny_png
-from wsclient import connect_device
-
-
-async def online_device(gateway):
-    creds = await gateway.register()
-    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
-    return creds["device_id"], device
+from wsclient import online_device
 
 
 @pytest_twisted.ensureDeferred

@@ -101,3 +101,10 @@ async def connect_device(
         endpoint = endpoints.wrapClientTLS(ssl.CertificateOptions(), endpoint)
     await endpoint.connect(factory)
     return await device._open
+
+
+async def online_device(gateway) -> tuple[str, TestDevice]:
+    """Register a device on a running gateway (``conftest.RunningGateway``) and connect it."""
+    creds = await gateway.register()
+    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+    return creds["device_id"], device

@@ -252,14 +252,14 @@ class Gateway:
         d.addCallbacks(stored, failed)
 
     def _ack_received(self, session: DeviceSession, frame: wire.Frame) -> None:
-        waiter = self.commands.claim(session.device_id, frame.id) if frame.id else None
+        """An ack is a receipt: it never answers a waiting snapshot request (only the image
+        does), however many firmwares ack the ``snapshot`` command as it arrives."""
         self.log.debug(
             "device {device_id} acked command {command_id}",
             device_id=session.device_id,
             command_id=frame.id,
             event="command_acked",
         )
-        _settle(waiter, result=frame.payload)
 
     # -- housekeeping
 
