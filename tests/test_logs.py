@@ -11,15 +11,14 @@ import sys
 import time
 
 import pytest
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher, globalLogPublisher
 
 from elevgw.observe import logs
 
 
 def test_json_lines_carry_structured_fields_and_the_node():
     output = io.StringIO()
-    observer = logs.JSONLinesObserver(output)
-    logs.node_id = "node-7"
+    observer = logs.GatewayLogFilter(logs.JSONLinesObserver(output), LogLevel.info, "node-7")
     try:
         globalLogPublisher.addObserver(observer)
         Logger(namespace="elevgw.test").info(
@@ -30,7 +29,6 @@ def test_json_lines_carry_structured_fields_and_the_node():
         )
     finally:
         globalLogPublisher.removeObserver(observer)
-        logs.node_id = ""
     line = json.loads(output.getvalue().strip().splitlines()[-1])
     assert line["message"] == "device dev_1 online (connected)"
     assert line["device_id"] == "dev_1" and line["event"] == "device_online"
@@ -128,7 +126,11 @@ def test_twistd_runs_logs_json_and_exits_cleanly_on_sigterm(tmp_path):
     messages = [line["message"] for line in lines]
     assert any(m.startswith("elevgw json-node: devices on") for m in messages), messages
     assert "Server Shut Down." in messages
-    assert all(line["node"] == "json-node" for line in lines)
+    # Every line from the gateway's start to its stop names the node; twistd's own lines
+    # before the service tree starts (loading, reactor) cannot know it yet.
+    first = next(i for i, m in enumerate(messages) if m.startswith("elevgw json-node: devices"))
+    last = max(i for i, line in enumerate(lines) if line["namespace"].startswith("elevgw"))
+    assert all(line["node"] == "json-node" for line in lines[first : last + 1])
     assert (tmp_path / "elevgw.sqlite3").exists()
 
 
@@ -159,21 +161,36 @@ def test_a_port_in_use_stops_twistd_with_an_error(tmp_path):
     assert b"Address already in use" in result.stdout + result.stderr
 
 
-def test_events_below_the_log_level_are_dropped_where_they_are_made():
+def test_the_log_level_filter_covers_every_logger_and_can_be_undone():
+    """``--log-level`` filters Twisted's and Autobahn's events too, not only the gateway's."""
     output = io.StringIO()
     observer = logs.JSONLinesObserver(output)
-    log = logs.Logger(namespace="elevgw.test")
-    globalLogPublisher.addObserver(observer)
-    try:
-        log.debug("command {command_id} sent", command_id="cmd_1")
-        log.info("device online")
-        logs.level = LogLevel.debug
-        log.debug("command {command_id} sent", command_id="cmd_2")
-    finally:
-        logs.level = LogLevel.info
-        globalLogPublisher.removeObserver(observer)
-    messages = [json.loads(line)["message"] for line in output.getvalue().splitlines()]
-    assert messages == ["device online", "command cmd_2 sent"]
+    publisher = LogPublisher(observer)
+    service = logs.LogFilterService(LogLevel.info, "node-3", publisher)
+    service.startService()
+    ours = Logger(namespace="elevgw.test", observer=publisher)
+    twisted_own = Logger(namespace="twisted.web.server", observer=publisher)
+    ours.debug("command {command_id} sent", command_id="cmd_1")
+    twisted_own.debug("a Twisted debug line")
+    ours.info("device online")
+    twisted_own.warn("a Twisted warning")
+    service.stopService()
+    ours.debug("command {command_id} sent", command_id="cmd_2")
+    lines = [json.loads(line) for line in output.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == [
+        "device online",
+        "a Twisted warning",
+        "command cmd_2 sent",
+    ]
+    assert [line["node"] for line in lines] == ["node-3", "node-3", ""]
+
+
+def test_the_log_filter_relies_on_the_publishers_observer_list():
+    """``LogFilterService`` reads ``LogPublisher._observers``; this fails if Twisted renames it."""
+    publisher = LogPublisher()
+    observer = logs.JSONLinesObserver(io.StringIO())
+    publisher.addObserver(observer)
+    assert publisher._observers == [observer]
 
 
 @pytest.mark.parametrize("value, level", [("debug", LogLevel.debug), ("WARN", LogLevel.warn)])

@@ -25,7 +25,6 @@ from twisted.internet.task import deferLater
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
-from elevgw.observe import logs
 from elevgw.stores.interfaces import hash_token
 from elevgw.stores.redis import RedisStore
 from elevgw.stores.redis_url import RedisAddress
@@ -357,14 +356,14 @@ async def test_gateway_started_before_redis_serves_once_redis_appears(redis_gate
 
 
 @pytest.fixture
-def twistd(monkeypatch):
+def twistd():
     """Parse a ``twistd`` command line, then make the service as twistd does (not started)."""
-    monkeypatch.setattr(logs, "node_id", logs.node_id)  # makeService sets it
 
     def run(*args):
         config = ServerOptions()
         config.parseOptions(["-n", *args])
-        return config.loadedPlugins[config.subCommand].makeService(config.subOptions)
+        root = config.loadedPlugins[config.subCommand].makeService(config.subOptions)
+        return root.getServiceNamed("gateway")
 
     return run
 
@@ -393,7 +392,6 @@ def test_store_url_can_come_from_the_environment(twistd, monkeypatch):
     "url", ["redis://host:notaport/x", "redis://host:6379/db1", "redis://", "redis://h/0?x=1"]
 )
 def test_bad_redis_url_is_a_one_line_usage_error_from_make_service(monkeypatch, url):
-    monkeypatch.setattr(logs, "node_id", logs.node_id)
     options = Options()
     options.parseOptions([])
     options["store"] = url  # past any check in parseOptions: makeService must refuse it too

@@ -43,6 +43,9 @@ class Settings:
     oss_url_expiry: int = 3600
     oss_public_urls: bool = False
     oss_url_base: str | None = None
+    #: ``None``: CPython's own thresholds (see ``elevgw.observe.gc_tuning``).
+    gc_thresholds: tuple[int, ...] | None = (50_000, 20, 100)
+    fast_writes: bool = True
 
     def oss_options(self) -> dict:
         """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""

@@ -1,9 +1,14 @@
-"""The gateway assembled as a Twisted service: stores, listeners, the sweep, the drain.
+"""The gateway assembled as one tree of Twisted services.
 
-``GatewayService`` owns every resource it starts (thread pool, store connections, ports) and
-releases them in ``stopService``, whose Deferred ``twistd`` waits for: that is the SIGTERM
-drain (stop accepting, close device sockets with 1001, emit their offline events, give
-pending webhooks a bounded grace period).
+``GatewayService`` is a ``MultiService`` whose children each own one resource: the file thread
+pool, the device store, the snapshot store, the webhook sink, the sweep and the two listeners.
+They start in that order and stop in the reverse one, so nothing is used after it is released.
+A part that cannot start (a store that does not answer, a port that is taken) fails
+``ready``; ``twistd`` then ends with one line and a non-zero exit (see ``elevgw.tap``).
+
+``stopService`` is the SIGTERM drain, whose Deferred ``twistd`` waits for: stop accepting,
+close device sockets with 1001, emit their offline events, flush ``last_seen``, give pending
+webhooks a bounded grace period, then stop the children.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.service import MultiService
-from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -24,12 +30,15 @@ from elevgw.events import model as events
 from elevgw.events.webhooks import WebhookSink
 from elevgw.listener import Listener
 from elevgw.north.api import APISite, DeviceAPI
-from elevgw.observe.logs import Logger
+from elevgw.north.base import APIDeps
 from elevgw.observe.metrics import MeasuredStore, Metrics
+from elevgw.presence.local import LocalPresence
 from elevgw.snapshots.files import FileSnapshotStore
+from elevgw.snapshots.interfaces import ISnapshotStore
 from elevgw.south.protocol import DeviceFactory
 from elevgw.stores.interfaces import IDeviceStore
 from elevgw.stores.sqlite import SQLiteStore
+from elevgw.timing import within
 
 
 class ConfigError(ValueError):
@@ -60,6 +69,43 @@ def make_store(settings: Settings, reactor: Any) -> IDeviceStore:
     raise ConfigError(f"--store must be sqlite:PATH or redis://host:port/db, not {spec!r}")
 
 
+class ThreadPoolService(Service):
+    """A thread pool started and stopped with the service tree."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class ResourceService(Service):
+    """Starts and stops a resource whose ``start()``/``stop()`` return Deferreds.
+
+    A failed start is handed to ``on_failure`` (the tree's ``ready``), never left unhandled.
+    """
+
+    def __init__(self, resource: Any, on_failure: Any) -> None:
+        self.resource = resource
+        self._on_failure = on_failure
+        self.started: Deferred = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = maybeDeferred(self.resource.start)
+        d.addErrback(self._on_failure)
+        d.chainDeferred(self.started)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return maybeDeferred(self.resource.stop)
+
+
 class GatewayService(MultiService):
     log = Logger()
 
@@ -67,10 +113,14 @@ class GatewayService(MultiService):
         super().__init__()
         self.settings = settings
         self.reactor = reactor
-        self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="elevgw-files")
+        #: Fires once every part has started, or fails with the first part that could not.
+        self.ready: Deferred = Deferred()
+        self._starting: list[Deferred] = []
         self.metrics = Metrics(settings.node_id)
+
+        threadpool = ThreadPool(minthreads=1, maxthreads=4, name="elevgw-files")
         self.store = MeasuredStore(make_store(settings, reactor), self.metrics, reactor)
-        self.snapshots = self._make_snapshot_store(settings.snapshots)
+        self.snapshots = self._make_snapshot_store(settings.snapshots, threadpool)
         self.event_sink: events.IEventSink = self._make_event_sink(settings)
         self.gateway = Gateway(
             self.store,
@@ -82,18 +132,47 @@ class GatewayService(MultiService):
             metrics=self.metrics,
             lifecycle_log_rate=settings.lifecycle_log_rate,
         )
+        self.presence = LocalPresence(self.gateway.registry, settings.node_id)
         self.device_factory = DeviceFactory(
-            self.gateway, settings.max_message_size, reactor=reactor
+            self.gateway,
+            settings.max_message_size,
+            reactor=reactor,
+            fast_writes=settings.fast_writes,
         )
-        self.api = DeviceAPI(self.gateway, api_key=settings.api_key)
-        site = APISite(self.api, reactor)
+        self.api = DeviceAPI(
+            APIDeps(
+                store=self.store,
+                presence=self.presence,
+                commands=self.gateway.commands,
+                snapshots=self.snapshots,
+                metrics=self.metrics,
+                node_id=settings.node_id,
+                health=self.health,
+                api_key=settings.api_key,
+            )
+        )
+
+        ThreadPoolService(threadpool).setServiceParent(self)
+        self._add_resource(self.store)
+        self._add_resource(self.snapshots)
+        self._add_resource(_EventSinkResource(self.event_sink))
+        sweep = TimerService(settings.sweep_interval, self._run_sweep)
+        sweep.clock = reactor
+        sweep.setServiceParent(self)
+        self.api_listener = Listener(reactor, settings.api_endpoint, APISite(self.api, reactor))
         self.ws_listener = Listener(reactor, settings.ws_endpoint, self.device_factory)
-        self.api_listener = Listener(reactor, settings.api_endpoint, site)
-        self.ws_listener.setServiceParent(self)
         self.api_listener.setServiceParent(self)
-        self._sweep = task.LoopingCall(self._run_sweep)
-        self._sweep.clock = reactor
-        self.ready: Deferred = Deferred()
+        self.ws_listener.setServiceParent(self)
+
+    def _add_resource(self, resource: Any) -> None:
+        service = ResourceService(resource, self._start_failed)
+        self._starting.append(service.started)
+        service.setServiceParent(self)
+
+    def _start_failed(self, failure: Failure) -> Failure:
+        if not self.ready.called:
+            self.ready.errback(failure)
+        return failure
 
     def _make_event_sink(self, settings: Settings) -> events.IEventSink:
         if not settings.backend_url:
@@ -114,12 +193,12 @@ class GatewayService(MultiService):
         self.metrics.watch_webhooks(sink)
         return sink
 
-    def _make_snapshot_store(self, spec: str):
+    def _make_snapshot_store(self, spec: str, threadpool: ThreadPool) -> ISnapshotStore:
         if spec.startswith("file:"):
             path = spec[len("file:") :]
             if not path:
                 raise ConfigError("--snapshots file: needs a folder, e.g. file:snapshots")
-            return FileSnapshotStore(path, self.public_url, self.reactor, self.threadpool)
+            return FileSnapshotStore(path, self.public_url, self.reactor, threadpool)
         if spec.startswith("oss://"):
             from elevgw.snapshots.oss import from_spec
 
@@ -146,13 +225,22 @@ class GatewayService(MultiService):
     def api_port(self) -> int:
         return self.api_listener.address().port
 
+    async def health(self) -> dict:
+        """What ``/healthz`` reports: ``status`` is ``ok`` while the store answers."""
+        report: dict[str, Any] = {
+            "status": "ok",
+            "node_id": self.settings.node_id,
+            "sessions": len(self.gateway.registry),
+        }
+        try:
+            await self.store.ping()
+        except Exception as e:
+            report["status"] = "unavailable"
+            report["store"] = str(e)
+        return report
+
     def startService(self) -> None:
-        self.threadpool.start()
-        starting = gatherResults([self.store.start(), self.snapshots.start()], consumeErrors=True)
         super().startService()
-        self._sweep.start(self.settings.sweep_interval, now=False).addErrback(
-            lambda f: self.log.failure("the sweep stopped", f)
-        )
         self.log.info(
             "elevgw {node_id}: devices on {ws}, API on {api}, store {store}",
             node_id=self.settings.node_id,
@@ -161,14 +249,12 @@ class GatewayService(MultiService):
             store=self.store.name,
         )
 
-        def started(_):
-            self.ready.callback(None)
+        def started(_: Any) -> None:
+            if not self.ready.called:
+                self.ready.callback(None)
 
-        def failed(failure):
-            self.log.failure("starting the stores failed", failure)
-            self.ready.errback(failure)
-
-        starting.addCallbacks(started, failed)
+        # A failure has reached ``ready`` already (``_start_failed``).
+        gatherResults(self._starting, consumeErrors=True).addCallbacks(started, lambda _: None)
 
     def _run_sweep(self) -> None:
         try:
@@ -185,51 +271,37 @@ class GatewayService(MultiService):
             self.log.info("draining: closed {count} device sessions (1001)", count=count)
         # The offline events are queued already; their delivery runs while sockets close.
         deadline = self.reactor.seconds() + self.settings.drain_timeout
-        await _within(closing, self.settings.drain_timeout / 2, self.reactor)
+        await within(closing, self.settings.drain_timeout / 2, self.reactor)
         self.device_factory.abort_all()
         remaining = max(0.0, deadline - self.reactor.seconds())
-        await _within(self.gateway.last_seen_written(), remaining, self.reactor)
+        await within(self.gateway.last_seen_written(), remaining, self.reactor)
         remaining = max(0.0, deadline - self.reactor.seconds())
-        delivered = await _within(self.event_sink.drain(remaining), remaining, self.reactor)
+        delivered = await within(self.event_sink.drain(remaining), remaining, self.reactor)
         if delivered is False:
             self.log.warn(
                 "draining: webhook events still pending after {seconds} s are dropped",
                 seconds=self.settings.drain_timeout,
             )
-        await self.event_sink.stop()
 
     def stopService(self) -> Deferred:
         d = Deferred.fromCoroutine(self._drain())
         d.addErrback(lambda f: self.log.failure("draining failed", f))
 
-        def release(_):
-            if self._sweep.running:
-                self._sweep.stop()
+        def release(_: Any) -> Deferred:
             self.gateway.registry.lifecycle_lines.stop()
-            stopping = [MultiService.stopService(self), self.store.stop(), self.snapshots.stop()]
-            return DeferredList(stopping, consumeErrors=True)
+            return MultiService.stopService(self)
 
-        def stop_threads(_):
-            self.threadpool.stop()
-
-        return d.addCallback(release).addCallback(stop_threads)
+        return d.addCallback(release)
 
 
-def _within(d: Deferred, seconds: float, clock: Any) -> Deferred:
-    """``d``'s result, or ``None`` after ``seconds`` at the latest; never fails."""
-    done: Deferred = Deferred()
+class _EventSinkResource:
+    """The event sink as a resource of the tree: nothing to start, ``stop`` after the drain."""
 
-    def expire() -> None:
-        if not done.called:
-            done.callback(None)
+    def __init__(self, sink: events.IEventSink) -> None:
+        self._sink = sink
 
-    timer = clock.callLater(seconds, expire)
+    def start(self) -> Deferred:
+        return succeed(None)
 
-    def finished(result: Any) -> None:
-        if timer.active():
-            timer.cancel()
-        if not done.called:
-            done.callback(None if isinstance(result, Failure) else result)
-
-    d.addBoth(finished)
-    return done
+    def stop(self) -> Deferred:
+        return maybeDeferred(self._sink.stop)

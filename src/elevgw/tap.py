@@ -6,15 +6,17 @@ secrets belong: the command line shows in ``ps``. The command line wins over the
 
 from __future__ import annotations
 
-import gc
+import atexit
 import ipaddress
 import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.logger import LogLevel
+from twisted.application.service import MultiService
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from elevgw.config import Settings, default_node_id
 from elevgw.stores.redis_url import parse_redis_url
@@ -40,6 +42,27 @@ def _number(kind: type, minimum: float, doc: str) -> Any:
 _positive_float = _number(float, 0, "Seconds, greater than 0.")
 _positive_int = _number(int, 0, "A whole number greater than 0.")
 _count = _number(int, -1, "A whole number, 0 or more.")
+
+
+def _switch(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("on", "yes", "true", "1"):
+        return True
+    if text in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(f"not on or off: {value!r}")
+
+
+_switch.coerceDoc = "on or off."  # type: ignore[attr-defined]
+
+
+def _gc_thresholds(value: str) -> tuple[int, ...] | None:
+    from elevgw.observe.gc_tuning import parse_thresholds
+
+    return parse_thresholds(value)
+
+
+_gc_thresholds.coerceDoc = "python, or thresholds such as 50000,20,100."  # type: ignore[attr-defined]
 
 
 def _log_level(value: str) -> LogLevel:
@@ -187,6 +210,21 @@ class Options(usage.Options):
             "error.",
             _log_level,
         ],
+        [
+            "gc-thresholds",
+            None,
+            "50000,20,100",
+            "Cyclic GC thresholds, or 'python' for CPython's own (700,10,10).",
+            _gc_thresholds,
+        ],
+        [
+            "fast-writes",
+            None,
+            "on",
+            "Frames to a device leave at once when nothing is queued for it (off: Twisted's"
+            " queued write).",
+            _switch,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -212,8 +250,13 @@ class Options(usage.Options):
         return args
 
     def postOptions(self) -> None:
-        if isinstance(self["log-level"], str):  # the default, which usage does not coerce
+        # usage does not coerce defaults
+        if isinstance(self["log-level"], str):
             self["log-level"] = _log_level(self["log-level"])
+        if isinstance(self["gc-thresholds"], str):
+            self["gc-thresholds"] = _gc_thresholds(self["gc-thresholds"])
+        if isinstance(self["fast-writes"], str):
+            self["fast-writes"] = _switch(self["fast-writes"])
         if self["node-id"] is None:
             self["node-id"] = default_node_id()
         for name in ("public-url", "backend-url"):
@@ -288,24 +331,46 @@ class Options(usage.Options):
             oss_url_expiry=self["oss-url-expiry"],
             oss_public_urls=bool(self["oss-public-urls"]),
             oss_url_base=self["oss-url-base"],
+            gc_thresholds=self["gc-thresholds"],
+            fast_writes=self["fast-writes"],
         )
 
 
-def makeService(options: Options):
+def makeService(options: Options) -> MultiService:
+    """The root of the service tree: log filtering, GC tuning, then the gateway.
+
+    A part that fails to start once the reactor runs (a store that does not answer) ends the
+    process with one error line and exit status 1, not a gateway running without a store.
+    """
     from twisted.internet import reactor
 
-    from elevgw.observe import logs
+    from elevgw.observe.gc_tuning import GCTuningService
+    from elevgw.observe.logs import LogFilterService
     from elevgw.service import ConfigError, GatewayService
 
-    logs.node_id = options["node-id"]
-    logs.level = options["log-level"]
-    # Every session keeps a few dozen GC-tracked objects alive (15,000 devices: ~600,000).
-    # With CPython's default thresholds (700, 10, 10) a full collection then runs every
-    # few seconds under load and stops the reactor for 0.2-0.8 s; with these, rarely.
-    # Objects from imports and start-up are never garbage: keep them out of every pass.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    settings = options.settings()
     try:
-        return GatewayService(options.settings(), reactor)
+        gateway = GatewayService(settings, reactor)
     except ConfigError as e:
         raise usage.UsageError(str(e))
+    root = MultiService()
+    LogFilterService(options["log-level"], settings.node_id).setServiceParent(root)
+    GCTuningService(settings.gc_thresholds, gateway.metrics.gc_pauses).setServiceParent(root)
+    gateway.setName("gateway")
+    gateway.setServiceParent(root)
+    gateway.ready.addErrback(_stop_on_start_failure, reactor)
+    return root
+
+
+_log = Logger()
+
+
+def _stop_on_start_failure(failure: Failure, reactor: Any) -> None:
+    _log.critical(
+        "elevgw could not start: {why}",
+        why=failure.getErrorMessage() or repr(failure.value),
+    )
+    # twistd exits 0 once its reactor stops; the status is set as the interpreter exits,
+    # after twistd has removed its pid file.
+    atexit.register(os._exit, 1)
+    reactor.callWhenRunning(reactor.stop)

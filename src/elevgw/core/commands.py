@@ -9,16 +9,15 @@ route to another node.
 
 from __future__ import annotations
 
-import secrets
 from collections import OrderedDict
 from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.logger import Logger
 
-from elevgw.core import wire
+from elevgw.core import ids, wire
 from elevgw.core.sessions import SessionRegistry
-from elevgw.observe.logs import Logger
 
 SNAPSHOT_COMMAND = "snapshot"
 
@@ -44,7 +43,7 @@ class Command:
 
 
 def new_command_id() -> str:
-    return "cmd_" + secrets.token_hex(8)
+    return ids.new_id(ids.COMMAND)
 
 
 class CommandRouter:
@@ -118,7 +117,7 @@ class CommandRouter:
             return None
         if command_id is not None and command_id in pending:
             answer = pending.pop(command_id)
-        elif command_id is not None and command_id.startswith("cmd_"):
+        elif command_id is not None and command_id.startswith(ids.COMMAND):
             return None
         else:
             _, answer = pending.popitem(last=False)

@@ -13,13 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from elevgw.core import wire
 from elevgw.core.commands import CommandRouter
 from elevgw.core.sessions import DeviceSession, SessionRegistry
 from elevgw.events import model as events
-from elevgw.observe.logs import Logger
 from elevgw.observe.metrics import Metrics
 from elevgw.snapshots.interfaces import ISnapshotStore, SnapshotStoreError
 from elevgw.stores.interfaces import IDeviceStore, LogEntry, StoreUnavailable, token_matches

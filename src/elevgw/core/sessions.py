@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from twisted.logger import Logger
+
+from elevgw.core import ids
 from elevgw.events import model as events
-from elevgw.observe.logs import LineBudget, Logger
+from elevgw.observe.logs import LineBudget
+from elevgw.util import clock_ms
 
 #: Seconds between batch writes of live sessions' ``last_seen`` (15,000 rows on a full node).
 LAST_SEEN_EVERY = 60.0
@@ -32,10 +36,11 @@ class Connection(Protocol):
 class DeviceSession:
     """One device's live connection to this node. ``last_active`` is in clock seconds."""
 
-    __slots__ = ("device_id", "connection", "connected_at", "last_active", "ended")
+    __slots__ = ("device_id", "session_id", "connection", "connected_at", "last_active", "ended")
 
     def __init__(self, device_id: str, connection: Connection, now: float) -> None:
         self.device_id = device_id
+        self.session_id = ids.new_id(ids.SESSION)
         self.connection = connection
         self.connected_at = now
         self.last_active = now
@@ -116,7 +121,7 @@ class SessionRegistry:
                 reason=reason,
                 event="device_online",
             )
-        self._events.emit(events.DeviceStatus(device_id, "online", reason, _ms(self._clock)))
+        self._events.emit(events.DeviceStatus(device_id, "online", reason, clock_ms(self._clock)))
         return session
 
     def detach(self, session: DeviceSession) -> None:
@@ -143,7 +148,7 @@ class SessionRegistry:
                 event="device_offline",
             )
         self._events.emit(
-            events.DeviceStatus(session.device_id, "offline", reason, _ms(self._clock))
+            events.DeviceStatus(session.device_id, "offline", reason, clock_ms(self._clock))
         )
         if close_code is not None:
             _close_quietly(session, close_code, reason)
@@ -207,7 +212,3 @@ def _close_quietly(session: DeviceSession, code: int, reason: str) -> None:
         session.connection.close(code, reason)
     except Exception:
         Logger().failure("closing device {device_id} failed", device_id=session.device_id)
-
-
-def _ms(clock: Any) -> int:
-    return int(clock.seconds() * 1000)

@@ -14,6 +14,8 @@ from typing import Any
 
 import attrs
 
+from elevgw.util import dumps_json
+
 HEARTBEAT = "heartbeat"
 LOG = "log"
 SNAPSHOT = "snapshot"
@@ -113,8 +115,7 @@ def decode_image(payload: Any, frame_id: str | None = None) -> bytes:
         raise FrameError(BAD_IMAGE, "snapshot payload is not valid base64", frame_id)
 
 
-def _dump(value: dict) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+_dump = dumps_json
 
 
 def pong_frame(ts_ms: int) -> bytes:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from hyperlink import URL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from elevgw import __version__
 from elevgw.events.model import DeviceStatus, IEventSink, SnapshotReady
-from elevgw.observe.logs import Logger
+from elevgw.util import clock_ms, dumps_json
 
 STATUS_PATH = "/api/device/status"
 SNAPSHOT_PATH = "/api/v1/devices/remote/snapshot/callback"
@@ -390,7 +390,7 @@ class WebhookSink:
             device_id=device_id,
             kind=kind,
             url=self._urls[kind],
-            body=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            body=dumps_json(body),
             event_id=uuid.uuid4().hex,
             seq=seq,
         )
@@ -412,7 +412,7 @@ class WebhookSink:
             self._pump()
 
     def _next_seq(self, device_id: str) -> int:
-        now_ms = int(self._clock.seconds() * 1000)
+        now_ms = clock_ms(self._clock)
         seq = max(self._last_seq.get(device_id, 0) + 1, now_ms)
         self._last_seq[device_id] = seq
         return seq

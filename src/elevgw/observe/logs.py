@@ -3,7 +3,7 @@
 Run ``twistd --logger elevgw.observe.logs.json_lines -n elevgw`` to get one JSON object per line on
 standard output instead of twistd's text lines. Every event carries the structured fields the
 gateway logs with (``device_id``, ``event``, ``reason``, …) plus ``node`` (``--node-id``),
-``level``, ``namespace``, ``time`` (epoch seconds) and the formatted ``message``.
+``level``, ``namespace``, ``time`` (epoch milliseconds) and the formatted ``message``.
 """
 
 from __future__ import annotations
@@ -12,27 +12,68 @@ import json
 import sys
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
-from twisted.logger import Logger as _TwistedLogger
+import txaio
+from twisted.application.service import Service
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-#: Set by ``makeService`` from ``--node-id`` so every line says which node wrote it.
-node_id = ""
-
-#: Events below this level are dropped where they are made (``--log-level``): ``twistd``
-#: writes every level it is given, and a per-command debug line at hundreds of commands a
-#: second costs more than the command.
-level = LogLevel.info
+from elevgw.util import to_ms
 
 
-class Logger(_TwistedLogger):
-    """``twisted.logger.Logger`` that drops events below ``elevgw.observe.logs.level`` before any
-    formatting or observer work."""
+@implementer(ILogObserver)
+class GatewayLogFilter:
+    """Wraps one log observer: drops events below ``level`` and stamps ``node`` on the rest.
 
-    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        if level < globals()["level"]:
+    It covers every event, Twisted's and Autobahn's included, because it sits in front of the
+    observer ``twistd`` chose rather than inside our own loggers. ``node`` names the node in
+    every line (several nodes, or several workers of one host, may share a log stream).
+    """
+
+    def __init__(self, observer: Any, level: LogLevel, node_id: str) -> None:
+        self.observer = observer
+        self.level = level
+        self.node_id = node_id
+
+    def __call__(self, event: dict) -> None:
+        level = event.get("log_level")
+        if level is not None and level < self.level:
             return
-        super().emit(level, format, **kwargs)
+        event.setdefault("node", self.node_id)
+        self.observer(event)
+
+
+class LogFilterService(Service):
+    """Puts a ``GatewayLogFilter`` in front of each observer ``twistd`` started logging to.
+
+    twistd chooses its observer (``--logfile``, ``--logger``, syslog) only after
+    ``makeService`` has returned, so the filter goes in when the service starts, and comes out
+    when it stops. ``publisher._observers`` is the one private name used; a test pins it.
+    """
+
+    def __init__(self, level: LogLevel, node_id: str, publisher: Any = None) -> None:
+        self.level = level
+        self.node_id = node_id
+        self._publisher = publisher if publisher is not None else globalLogPublisher
+        self._wrapped: list[tuple[Any, GatewayLogFilter]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        # Autobahn's own loggers drop their events at the source by txaio's level.
+        txaio.set_global_log_level(  # type: ignore[attr-defined]
+            "debug" if self.level <= LogLevel.debug else "info"
+        )
+        for observer in list(self._publisher._observers):
+            wrapper = GatewayLogFilter(observer, self.level, self.node_id)
+            self._publisher.removeObserver(observer)
+            self._publisher.addObserver(wrapper)
+            self._wrapped.append((observer, wrapper))
+
+    def stopService(self) -> None:
+        super().stopService()
+        for observer, wrapper in self._wrapped:
+            self._publisher.removeObserver(wrapper)
+            self._publisher.addObserver(observer)
+        self._wrapped = []
 
 
 class LineBudget:
@@ -46,7 +87,7 @@ class LineBudget:
     ``per_second`` 0 writes every line.
     """
 
-    def __init__(self, clock: Any, per_second: int, log: _TwistedLogger, what: str) -> None:
+    def __init__(self, clock: Any, per_second: int, log: Logger, what: str) -> None:
         self.per_second = per_second
         self._clock = clock
         self._log = log
@@ -100,10 +141,10 @@ class JSONLinesObserver:
     def __call__(self, event: dict) -> None:
         level = event.get("log_level")
         line: dict[str, Any] = {
-            "time": event.get("log_time"),
+            "time": to_ms(event.get("log_time")),
             "level": level.name if level is not None else "info",
             "namespace": event.get("log_namespace"),
-            "node": node_id,
+            "node": event.get("node", ""),
             "message": formatEvent(event),
         }
         for field in _FIELDS_KEPT:

@@ -45,6 +45,13 @@ class Metrics:
             registry=registry,
         )
         self.handshake = {o: self.handshakes.labels(o) for o in HANDSHAKE_OUTCOMES}
+        self.gc_pauses = Histogram(
+            "elevgw_gc_pause_seconds",
+            "Pauses of the cyclic garbage collector (the reactor stands still meanwhile).",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        )
         # Frame counters are plain ints bumped on the reactor thread (``counts[type] += 1``)
         # and turned into counters at scrape time: a prometheus_client child's ``inc()`` takes
         # a lock, which is most of what a heartbeat costs beyond Autobahn's framing.

@@ -11,6 +11,7 @@ from zope.interface import implementer
 
 from elevgw.snapshots.interfaces import (
     IMAGE_TYPES,
+    ISnapshotFiles,
     ISnapshotStore,
     SnapshotStoreError,
     StoredSnapshot,
@@ -19,7 +20,7 @@ from elevgw.snapshots.interfaces import (
 )
 
 
-@implementer(ISnapshotStore)
+@implementer(ISnapshotStore, ISnapshotFiles)
 class FileSnapshotStore:
     """Snapshots in a local folder, written on a thread pool, served by the API.
 

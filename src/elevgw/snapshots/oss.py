@@ -34,7 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from elevgw.observe.logs import Logger
+from twisted.logger import Logger
 from elevgw.snapshots.interfaces import (
     IMAGE_TYPES,
     ISnapshotStore,

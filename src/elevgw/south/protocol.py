@@ -17,7 +17,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 
 from elevgw.core.gateway import Gateway, HandshakeRefused
-from elevgw.south import fast_write as write_through
+from elevgw.south import fast_write
 
 WS_PATH = "/ws"
 
@@ -26,19 +26,37 @@ def _unformatted(value: Any, *args: Any, **kwargs: Any) -> str:
     return ""
 
 
-def _skip_debug_formatting() -> None:
-    """Autobahn formats the arguments of its per-frame debug lines (``hltype``, ``hlval``,
-    ``pformat``:
-    ``inspect`` and string work) before the logger drops them: about a tenth of a loaded
-    gateway's CPU in profiles. With debug logging off nobody sees them, so skip the work."""
+#: What ``skip_debug_formatting`` replaces, per Autobahn module.
+PATCHED_NAMES = {
+    autobahn_protocol: ("hltype", "hlval", "pformat"),
+    autobahn_twisted: ("hltype", "hlval"),
+}
+_patched = False
+
+
+def skip_debug_formatting() -> bool:
+    """Stop Autobahn formatting the arguments of debug lines nobody will see.
+
+    Autobahn formats the arguments of its per-frame debug lines (``hltype``, ``hlval``:
+    ``inspect`` and string work) before its logger drops them: about a tenth of a loaded
+    gateway's CPU in profiles; and ``_connectionMade`` pretty-prints every protocol option of
+    every new connection (``pformat``) for a debug line: a quarter of a handshake. Applied
+    once per process, only when Autobahn's log level is above debug, and only if every name
+    is still there (``tests/test_south.py`` fails if Autobahn renames one). ``True`` if the
+    patch is in place.
+    """
+    global _patched
+    if _patched:
+        return True
     if txaio.get_global_log_level() in ("debug", "trace"):  # type: ignore[attr-defined]
-        return
-    for module in (autobahn_protocol, autobahn_twisted):
-        module.hltype = _unformatted  # type: ignore[attr-defined]
-        module.hlval = _unformatted  # type: ignore[attr-defined]
-    # _connectionMade pretty-prints every protocol option of every new connection for a
-    # debug line: a quarter of the CPU of a handshake.
-    autobahn_protocol.pformat = _unformatted  # type: ignore[attr-defined,assignment]
+        return False
+    if not all(hasattr(m, name) for m, names in PATCHED_NAMES.items() for name in names):
+        return False
+    for module, names in PATCHED_NAMES.items():
+        for name in names:
+            setattr(module, name, _unformatted)
+    _patched = True
+    return True
 
 
 def _first(params: dict, name: str) -> str:
@@ -118,11 +136,12 @@ class DeviceProtocol(WebSocketServerProtocol):
     def connectionMade(self):
         super().connectionMade()
         self.factory.open_connections.add(self)
-        write_through.install(self.transport)
+        if self.factory.fast_writes:
+            fast_write.install(self.transport)
 
     def dataReceived(self, data):
-        # The answers to every frame in this read leave in one send (see write_through).
-        with write_through.held(self.transport):
+        # The answers to every frame in this read leave in one send (see fast_write).
+        with fast_write.held(self.transport):
             super().dataReceived(data)
 
     def connectionLost(self, reason=None):  # type: ignore[override]
@@ -153,10 +172,18 @@ class DeviceFactory(WebSocketServerFactory):
     protocol = DeviceProtocol
     noisy = False
 
-    def __init__(self, gateway: Gateway, max_message_size: int, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        max_message_size: int,
+        reactor: Any = None,
+        fast_writes: bool = True,
+    ) -> None:
+        """``fast_writes``: frames leave at once when nothing is queued (``fast_write``)."""
         super().__init__(reactor=reactor)
-        _skip_debug_formatting()
+        skip_debug_formatting()
         self.gateway = gateway
+        self.fast_writes = fast_writes
         self.open_connections: set[DeviceProtocol] = set()
         self._all_closed: list[Deferred] = []
         self.setProtocolOptions(

@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface
 
+from elevgw.core import ids
+
 
 class StoreUnavailable(Exception):
     """The store's backend did not answer (down, timed out, locked)."""
@@ -48,7 +50,7 @@ class LogEntry:
 
 
 def new_device_id() -> str:
-    return "dev_" + secrets.token_hex(8)
+    return ids.new_id(ids.DEVICE)
 
 
 def new_token() -> str:

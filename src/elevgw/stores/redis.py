@@ -30,12 +30,13 @@ import attrs
 import txredisapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from elevgw.observe.logs import Logger
 from elevgw.stores.interfaces import Device, IDeviceStore, LogEntry, StoreUnavailable
 from elevgw.stores.redis_url import parse_redis_url
+from elevgw.util import dumps_json
 
 log = Logger()
 
@@ -401,12 +402,7 @@ class RedisStore:
         """Fires once Redis has the entry; durability beyond that is Redis's persistence."""
         if entry.ts < 0:
             return fail(ValueError(f"log time must not be negative, not {entry.ts}"))
-        payload = json.dumps(entry.payload, ensure_ascii=False, separators=(",", ":"))
-        try:
-            payload.encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone surrogate (JSON allows "\ud800") has no UTF-8 form: escape it instead.
-            payload = json.dumps(entry.payload, separators=(",", ":"))
+        payload = dumps_json(entry.payload).decode("utf-8")
         d = self._script(
             _APPEND_LOG, [self.log_key(device_id)], [int(entry.ts), payload, self.log_maxlen]
         )

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from elevgw.stores.interfaces import Device, IDeviceStore, LogEntry, StoreUnavailable
+from elevgw.util import dumps_json
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS devices (
@@ -202,11 +203,7 @@ class SQLiteStore:
         return self._interaction(update)
 
     def append_log(self, device_id: str, entry: LogEntry) -> Deferred:
-        payload = json.dumps(entry.payload, ensure_ascii=False, separators=(",", ":"))
-        try:
-            payload.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from the device: keep it, escaped
-            payload = json.dumps(entry.payload, separators=(",", ":"))
+        payload = dumps_json(entry.payload).decode("utf-8")
         return self._interaction(
             lambda txn: txn.execute(
                 "INSERT INTO logs (device_id, ts, payload) VALUES (?, ?, ?)",

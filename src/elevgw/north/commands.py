@@ -1,0 +1,58 @@
+"""Routes that reach a device: ``POST /api/send`` and the snapshot request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from elevgw.core.commands import SNAPSHOT_COMMAND
+from elevgw.north.base import APIBase, app, float_arg
+from elevgw.north.errors import ApiError, error_for
+
+MAX_SNAPSHOT_TIMEOUT = 120.0
+
+#: ``elevgw_snapshot_requests_total`` outcome for the error codes a snapshot request can end in.
+_SNAPSHOT_OUTCOMES = {
+    "device_offline": "offline",
+    "device_timeout": "timeout",
+    "device_disconnected": "disconnected",
+}
+
+
+class CommandRoutes(APIBase):
+    @app.route("/api/send", methods=["POST"])
+    def send(self, request: Any) -> bytes:
+        """The hot route: ``elevgw.north.api.APIResource`` runs it without Klein."""
+        self._authorize(request)
+        body = self._body(request)
+        device_id = body.get("device_id")
+        command = body.get("command")
+        if not isinstance(device_id, str) or not device_id:
+            raise ApiError(400, "bad_device_id", "device_id must be a non-empty string")
+        if not isinstance(command, str) or not command:
+            raise ApiError(400, "bad_command", "command must be a non-empty string")
+        sent = self.commands.send(device_id, command, body.get("data"))
+        return self._json(request, {"ok": True, "id": sent.id})
+
+    @app.route("/api/v1/devices/remote/<device_id>/snapshot", methods=["GET"])
+    async def snapshot(self, request: Any, device_id: str) -> bytes:
+        self._authorize(request)
+        timeout = float_arg(request, b"timeout", 10.0, MAX_SNAPSHOT_TIMEOUT)
+        outcomes = self.metrics.snapshot_requests
+        try:
+            snapshot = await self.commands.request(device_id, SNAPSHOT_COMMAND, None, timeout)
+        except Exception as e:
+            error = error_for(e)
+            outcome = _SNAPSHOT_OUTCOMES.get(error.code, "failed") if error else "failed"
+            outcomes.labels(outcome).inc()
+            raise
+        outcomes.labels("ok").inc()
+        return self._json(
+            request,
+            {
+                "device_id": device_id,
+                "url": snapshot.url,
+                "content_type": snapshot.content_type,
+                "size": snapshot.size,
+                "taken_at": snapshot.taken_at,
+            },
+        )
