@@ -70,3 +70,10 @@ class ISnapshotStore(Interface):
         Raises ``ValueError`` at once if ``data`` is not a PNG, JPEG or WebP image (nothing is
         stored); fails the Deferred with ``SnapshotStoreError`` if the backend fails.
         """
+
+
+class ISnapshotFiles(Interface):
+    """A snapshot store whose images the API serves itself at ``/snapshots/<key>``."""
+
+    def read(key):
+        """Fire with ``(bytes, content_type)`` for a stored key, or ``None`` if there is none."""
