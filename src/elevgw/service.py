@@ -159,8 +159,12 @@ class GatewayService(MultiService):
         sweep = TimerService(settings.sweep_interval, self._run_sweep)
         sweep.clock = reactor
         sweep.setServiceParent(self)
-        self.api_listener = Listener(reactor, settings.api_endpoint, APISite(self.api, reactor))
-        self.ws_listener = Listener(reactor, settings.ws_endpoint, self.device_factory)
+        self.api_listener = Listener(
+            reactor, settings.api_endpoint, APISite(self.api, reactor), "--api-endpoint"
+        )
+        self.ws_listener = Listener(
+            reactor, settings.ws_endpoint, self.device_factory, "--ws-endpoint"
+        )
         self.api_listener.setServiceParent(self)
         self.ws_listener.setServiceParent(self)
 

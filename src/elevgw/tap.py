@@ -2,46 +2,56 @@
 
 Every option can also come from ``ELEVGW_<OPTION>`` (dashes as underscores), which is where
 secrets belong: the command line shows in ``ps``. The command line wins over the environment.
+
+Every refusal is one line that names the option (or the variable it came from) and what to
+do; under ``twistd`` it ends the process with status 1 instead of ``twistd``'s usage text.
 """
 
 from __future__ import annotations
 
 import atexit
+import getopt
 import ipaddress
 import os
 import re
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
+from twisted.internet import endpoints
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+import elevgw
 from elevgw.config import Settings, default_node_id
+from elevgw.startup import exit_with, one_line_errors
 from elevgw.stores.redis_url import parse_redis_url
 
 
-def _number(kind: type, minimum: float, doc: str) -> Any:
-    """A usage coerce function: ``kind`` (int or float) that must exceed ``minimum``."""
-    words = "a whole number" if kind is int else "a number"
+def _number(kind: type, minimum: float, what: str) -> Any:
+    """A usage coerce function: ``kind`` (int or float) that must exceed ``minimum``.
+
+    ``what`` completes "must be …" in the error, e.g. "a number of seconds greater than 0".
+    """
 
     def coerce(value: str) -> Any:
         try:
             number = kind(value)
         except ValueError:
-            raise ValueError(f"not {words}: {value!r}")
-        if not number > minimum:
-            raise ValueError(f"must be greater than {minimum}: {value!r}")
+            number = None
+        if number is None or not number > minimum:
+            raise ValueError(f"must be {what}, not {value!r}")
         return number
 
-    coerce.coerceDoc = doc  # type: ignore[attr-defined]
+    coerce.coerceDoc = what[0].upper() + what[1:] + "."  # type: ignore[attr-defined]
     return coerce
 
 
-_positive_float = _number(float, 0, "Seconds, greater than 0.")
-_positive_int = _number(int, 0, "A whole number greater than 0.")
-_count = _number(int, -1, "A whole number, 0 or more.")
+_positive_float = _number(float, 0, "a number of seconds greater than 0")
+_positive_int = _number(int, 0, "a whole number greater than 0")
+_count = _number(int, -1, "a whole number, 0 or more")
 
 
 def _switch(value: str) -> bool:
@@ -50,7 +60,7 @@ def _switch(value: str) -> bool:
         return True
     if text in ("off", "no", "false", "0"):
         return False
-    raise ValueError(f"not on or off: {value!r}")
+    raise ValueError(f"must be on or off, not {value!r}")
 
 
 _switch.coerceDoc = "on or off."  # type: ignore[attr-defined]
@@ -69,7 +79,7 @@ def _log_level(value: str) -> LogLevel:
     try:
         return LogLevel.levelWithName(value.strip().lower())
     except Exception:
-        raise ValueError("not a log level (debug, info, warn, error): {!r}".format(value))
+        raise ValueError("must be debug, info, warn or error, not {!r}".format(value))
 
 
 _log_level.coerceDoc = "debug, info, warn or error."  # type: ignore[attr-defined]
@@ -231,23 +241,73 @@ class Options(usage.Options):
         ["oss-public-urls", None, "Hand out plain URLs on the bucket's domain (public bucket)."],
     ]
 
-    def parseOptions(self, options=None):
-        args = list(options) if options is not None else []
-        super().parseOptions(self._environment_args() + args)
+    def __init__(self) -> None:
+        super().__init__()
+        #: Options whose value came from ``ELEVGW_<NAME>`` and not the command line.
+        self._from_environment: set[str] = set()
+        for name, handler in list(self._dispatch.items()):
+            if isinstance(handler, usage.CoerceParameter):
+                self._dispatch[name] = _NamedParameter(self, handler.coerce)
 
-    def _environment_args(self) -> list[str]:
-        args = []
+    def parseOptions(self, options=None):
+        """Parse the environment, then the command line; one line for any refusal.
+
+        Under ``twistd`` (which sets ``parent``) a refusal ends the process with that line
+        and status 1: ``twistd`` would print its whole usage text first. Called directly (in
+        tests, by other programs) it raises ``usage.UsageError``.
+        """
+        args = list(options) if options is not None else []
+        try:
+            self._apply_environment(skip=self._command_line_names(args))
+            super().parseOptions(args)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            message = str(e)
+            if message.startswith("option "):  # from getopt: unknown, or missing its value
+                message += "; twistd elevgw --help lists the options"
+            exit_with(message)
+
+    def opt_version(self) -> None:
+        """Display elevgw's version (and Twisted's) and exit."""
+        from twisted import version as twisted_version
+
+        print(f"elevgw {elevgw.__version__} (Twisted {twisted_version.short()})")
+        sys.exit(0)
+
+    def source(self, name: str) -> str:
+        """Where option ``name``'s value came from, for errors: ``--name`` or ``ELEVGW_NAME``."""
+        if name in self._from_environment:
+            return _environment_name(name)
+        return f"--{name}"
+
+    def _command_line_names(self, args: list[str]) -> set[str]:
+        """The options ``args`` sets: the environment's value for those is not even checked."""
+        try:
+            given, _ = getopt.getopt(args, self.shortOpt, self.longOpt)
+        except getopt.error:
+            return set()  # parseOptions reports it
+        return {self.synonyms.get(option.lstrip("-"), "") for option, _ in given}
+
+    def _apply_environment(self, skip: set[str]) -> None:
         for entry in self.optParameters:
             name = entry[0]
-            value = os.environ.get("ELEVGW_" + name.upper().replace("-", "_"))
-            if value:
-                args.append(f"--{name}={value}")
+            value = os.environ.get(_environment_name(name))
+            if value and name not in skip:
+                try:
+                    self._dispatch[name].dispatch(name, value)
+                except usage.UsageError as e:
+                    raise usage.UsageError(
+                        "{} {} (fix or unset the variable)".format(
+                            _environment_name(name), getattr(e, "reason", e)
+                        )
+                    )
+                self._from_environment.add(name)
         for entry in self.optFlags:
             name = entry[0]
-            value = os.environ.get("ELEVGW_" + name.upper().replace("-", "_"), "")
+            value = os.environ.get(_environment_name(name), "")
             if value.strip().lower() in ("1", "true", "yes", "on"):
-                args.append("--" + name)
-        return args
+                self.opts[name] = 1
 
     def postOptions(self) -> None:
         # usage does not coerce defaults
@@ -264,12 +324,41 @@ class Options(usage.Options):
             if url is not None:
                 parts = urlsplit(url)
                 if parts.scheme not in ("http", "https") or not parts.netloc:
-                    raise usage.UsageError(f"--{name} must be an http(s):// URL, not {url!r}")
+                    raise usage.UsageError(
+                        f"{self.source(name)} must be an http(s):// URL, not {url!r}"
+                    )
+        for name in ("ws-endpoint", "api-endpoint"):
+            self._check_endpoint(name)
         self._check_stores()
         if not is_loopback_endpoint(self["api-endpoint"]) and not self["api-key"]:
             raise usage.UsageError(
                 "the API on {!r} is reachable from other hosts: set ELEVGW_API_KEY (or --api-key), "
                 "or bind it to a loopback interface".format(self["api-endpoint"])
+            )
+
+    def _check_endpoint(self, name: str) -> None:
+        """Refuse an endpoint string that cannot listen: unparseable, a port out of range,
+        a TLS key or certificate that cannot be read. (A port in use is found when binding.)"""
+        description = self[name]
+        try:
+            # Building the endpoint parses the string and loads TLS files; nothing listens
+            # and no reactor is touched.
+            endpoint = endpoints.serverFromString(None, description)
+        except OSError as e:
+            raise usage.UsageError(
+                f"{self.source(name)} {description!r}: cannot read {e.filename or 'a file'}"
+                f" ({e.strerror or e}); check privateKey= and certKey="
+            )
+        except Exception as e:
+            raise usage.UsageError(
+                f"{self.source(name)} {description!r} is not a listening endpoint ({e}); write "
+                "it like tcp:8080, tcp:8080:interface=127.0.0.1 or "
+                "ssl:443:privateKey=key.pem:certKey=cert.pem"
+            )
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise usage.UsageError(
+                f"{self.source(name)} {description!r}: port {port} is not between 0 and 65535"
             )
 
     def _check_stores(self) -> None:
@@ -280,10 +369,14 @@ class Options(usage.Options):
             try:
                 parse_redis_url(store)
             except ValueError as e:
-                raise usage.UsageError("--store: {}".format(e))
-        elif not (store.startswith("sqlite:") and len(store) > len("sqlite:")):
+                raise usage.UsageError("{}: {}".format(self.source("store"), e))
+        elif store.startswith("sqlite:") and len(store) > len("sqlite:"):
+            self._check_sqlite_path(store[len("sqlite:") :])
+        else:
             raise usage.UsageError(
-                "--store must be sqlite:PATH or redis://host:port/db, not {!r}".format(store)
+                "{} must be sqlite:PATH or redis://host:port/db, not {!r}".format(
+                    self.source("store"), store
+                )
             )
         snapshots = self["snapshots"]
         if snapshots.startswith("oss://"):
@@ -298,7 +391,26 @@ class Options(usage.Options):
             or snapshots.startswith("oss://")
         ):
             raise usage.UsageError(
-                "--snapshots must be file:FOLDER or oss://BUCKET, not {!r}".format(snapshots)
+                "{} must be file:FOLDER or oss://BUCKET, not {!r}".format(
+                    self.source("snapshots"), snapshots
+                )
+            )
+
+    def _check_sqlite_path(self, path: str) -> None:
+        """SQLite creates the file but not its folder; say so now rather than fail later
+        with the gateway half started."""
+        where = "{} sqlite:{}".format(self.source("store"), path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise usage.UsageError(f"{where}: {path} is a folder; name a file in it")
+        if not os.path.isdir(folder):
+            raise usage.UsageError(
+                f"{where}: folder {folder} does not exist; create it or choose another path"
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise usage.UsageError(
+                f"{where}: folder {folder} is not writable by this user; fix its permissions "
+                "or choose another path"
             )
 
     def settings(self) -> Settings:
@@ -336,6 +448,26 @@ class Options(usage.Options):
         )
 
 
+class _NamedParameter(usage.CoerceParameter):
+    """``usage``'s coerced parameter, with an error that names the option."""
+
+    def dispatch(self, parameterName: str, value: Any) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        try:
+            coerced = self.coerce(value)
+        except ValueError as e:
+            error = usage.UsageError(f"--{parameterName} {e}")
+            error.reason = str(e)  # type: ignore[attr-defined]
+            raise error
+        self.options.opts[parameterName] = coerced
+        self.options._from_environment.discard(parameterName)
+
+
+def _environment_name(option: str) -> str:
+    return "ELEVGW_" + option.upper().replace("-", "_")
+
+
 def makeService(options: Options) -> MultiService:
     """The root of the service tree: log filtering, GC tuning, then the gateway.
 
@@ -349,10 +481,11 @@ def makeService(options: Options) -> MultiService:
     from elevgw.service import ConfigError, GatewayService
 
     settings = options.settings()
+    one_line_errors()
     try:
         gateway = GatewayService(settings, reactor)
     except ConfigError as e:
-        raise usage.UsageError(str(e))
+        exit_with(str(e))
     root = MultiService()
     LogFilterService(options["log-level"], settings.node_id).setServiceParent(root)
     GCTuningService(settings.gc_thresholds, gateway.metrics.gc_pauses).setServiceParent(root)

@@ -31,7 +31,7 @@ def parse_thresholds(value: str) -> tuple[int, ...] | None:
         numbers = ()
     if not 1 <= len(numbers) <= 3 or numbers[0] <= 0 or any(n < 0 for n in numbers):
         raise ValueError(
-            f"not 'python' or up to three whole numbers such as 50000,20,100: {value!r}"
+            f"must be 'python' or up to three whole numbers such as 50000,20,100, not {value!r}"
         )
     return numbers
 
