@@ -395,14 +395,15 @@ def test_bad_redis_url_is_a_one_line_usage_error_from_make_service(monkeypatch, 
     options = Options()
     options.parseOptions([])
     options["store"] = url  # past any check in parseOptions: makeService must refuse it too
-    with pytest.raises(usage.UsageError) as raised:
+    with pytest.raises(SystemExit) as raised:
         makeService(options)
-    assert "\n" not in str(raised.value) and str(raised.value).startswith("--store")
+    assert "\n" not in str(raised.value) and str(raised.value).startswith("elevgw: --store")
 
 
 def test_bad_redis_url_is_refused_while_twistd_parses_options():
-    with pytest.raises(usage.UsageError):
+    with pytest.raises(SystemExit) as raised:
         ServerOptions().parseOptions(["-n", "elevgw", "--store=redis://host:notaport/x"])
+    assert str(raised.value).startswith("elevgw: --store: ") and "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("args", [["--store-timeout", "0"], ["--log-maxlen", "0"]])

@@ -31,10 +31,10 @@ import requests
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from twisted.logger import Logger
 from elevgw.snapshots.interfaces import (
     IMAGE_TYPES,
     ISnapshotStore,
