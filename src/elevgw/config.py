@@ -46,6 +46,7 @@ class Settings:
     #: ``None``: CPython's own thresholds (see ``elevgw.observe.gc_tuning``).
     gc_thresholds: tuple[int, ...] | None = (50_000, 20, 100)
     fast_writes: bool = True
+    lean_frames: bool = True
 
     def oss_options(self) -> dict:
         """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""

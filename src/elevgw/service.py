@@ -138,6 +138,7 @@ class GatewayService(MultiService):
             settings.max_message_size,
             reactor=reactor,
             fast_writes=settings.fast_writes,
+            lean_path=settings.lean_frames,
         )
         self.api = DeviceAPI(
             APIDeps(

@@ -235,6 +235,14 @@ class Options(usage.Options):
             " queued write).",
             _switch,
         ],
+        [
+            "lean-frames",
+            None,
+            "on",
+            "Small complete text frames from connected devices, and frames to them, skip"
+            " Autobahn's per-frame machinery (off: Autobahn handles every frame).",
+            _switch,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -317,6 +325,8 @@ class Options(usage.Options):
             self["gc-thresholds"] = _gc_thresholds(self["gc-thresholds"])
         if isinstance(self["fast-writes"], str):
             self["fast-writes"] = _switch(self["fast-writes"])
+        if isinstance(self["lean-frames"], str):
+            self["lean-frames"] = _switch(self["lean-frames"])
         if self["node-id"] is None:
             self["node-id"] = default_node_id()
         for name in ("public-url", "backend-url"):
@@ -445,6 +455,7 @@ class Options(usage.Options):
             oss_url_base=self["oss-url-base"],
             gc_thresholds=self["gc-thresholds"],
             fast_writes=self["fast-writes"],
+            lean_frames=self["lean-frames"],
         )
 
 

@@ -11,7 +11,7 @@ Only an empty queue is skipped: anything already queued keeps its order, so a de
 stops reading fills its socket buffer, then Twisted's queue, exactly as before. TLS
 transports and anything that is not a plain ``tcp.Server`` keep Twisted's write.
 
-While the protocol handles one read (``held``), its writes are held and leave together at
+While the protocol handles one read (``hold`` … ``release``), its writes are held and leave together at
 the end of it: a device that sends eight heartbeats in one segment gets its eight pongs in
 one send, as Twisted's queue would have made them, instead of eight (a flood of pipelined
 heartbeats: 87 % of the bare Autobahn server without this).
@@ -23,9 +23,7 @@ fails if they ever change meaning.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet import tcp
@@ -43,23 +41,24 @@ def install(transport: Any) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def held(transport: Any) -> Iterator[None]:
-    """Hold the writes made inside the block and send them as one when it ends.
+def hold(transport: Any) -> list[bytes] | None:
+    """Hold ``transport``'s writes until ``release``; the list to pass to it, or ``None``
+    when there is nothing to release (not installed, or already held).
 
-    A ``loseConnection`` inside the block is safe: Twisted closes on its next pass, after
-    what is queued by then, and the held bytes are queued at the end of the block."""
-    if getattr(transport, "elevgw_held", 0) is not None:  # not installed, or nested
-        yield
-        return
+    A ``loseConnection`` while held is safe: Twisted closes on its next pass, after what
+    is queued by then, and the held bytes are queued at ``release``."""
+    if getattr(transport, "elevgw_held", 0) is not None:
+        return None
     chunks: list[bytes] = []
     transport.elevgw_held = chunks
-    try:
-        yield
-    finally:
-        transport.elevgw_held = None
-        if chunks:
-            _write(transport, b"".join(chunks))
+    return chunks
+
+
+def release(transport: Any, chunks: list[bytes]) -> None:
+    """Stop holding and send what was held, as one write."""
+    transport.elevgw_held = None
+    if chunks:
+        _write(transport, b"".join(chunks) if len(chunks) > 1 else chunks[0])
 
 
 def _write(transport: Any, data: bytes) -> None:

@@ -17,9 +17,10 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 
 from elevgw.core.gateway import Gateway, HandshakeRefused
-from elevgw.south import fast_write
+from elevgw.south import fast_write, lean_frames
 
 WS_PATH = "/ws"
+_OPEN = WebSocketServerProtocol.STATE_OPEN
 
 
 def _unformatted(value: Any, *args: Any, **kwargs: Any) -> str:
@@ -83,6 +84,11 @@ class DeviceProtocol(WebSocketServerProtocol):
     _device_id: str | None = None
     _lost = False
     _closed_by_gateway = False
+    #: Whether this connection reads and writes its frames on the lean path (set when open).
+    _lean = False
+    #: Whether the factory offers the lean path; ``DeviceFactory`` sets both on its subclass.
+    lean_frames_enabled = False
+    lean_limit = lean_frames.MAX_LEAN_PAYLOAD
 
     def onConnect(self, request):
         handshake = self.factory.gateway.metrics.handshake
@@ -113,6 +119,8 @@ class DeviceProtocol(WebSocketServerProtocol):
         return d.addCallbacks(admitted, refused)
 
     def onOpen(self):
+        if self.lean_frames_enabled and lean_frames.eligible(self):
+            self._lean = True
         self.session = self.factory.gateway.connected(self._device_id, self)
 
     def onMessage(self, payload, isBinary):
@@ -141,8 +149,21 @@ class DeviceProtocol(WebSocketServerProtocol):
 
     def dataReceived(self, data):
         # The answers to every frame in this read leave in one send (see fast_write).
-        with fast_write.held(self.transport):
-            super().dataReceived(data)
+        transport = self.transport
+        held = fast_write.hold(transport)
+        try:
+            if (
+                self._lean
+                and self.state == _OPEN
+                and self.current_frame is None
+                and not self.inside_message
+            ):
+                lean_frames.receive(self, data)
+            else:
+                super().dataReceived(data)
+        finally:
+            if held is not None:
+                fast_write.release(transport, held)
 
     def connectionLost(self, reason=None):  # type: ignore[override]
         self._lost = True
@@ -152,7 +173,8 @@ class DeviceProtocol(WebSocketServerProtocol):
     # The Connection interface the session registry talks to.
 
     def send_frame(self, data: bytes) -> None:
-        self.sendMessage(data, isBinary=False)
+        if not (self._lean and lean_frames.send_text(self, data)):
+            self.sendMessage(data, isBinary=False)
 
     def close(self, code: int, reason: str) -> None:
         """Close with ``code``; ``elevgw_closes_total`` counts the code the gateway chose,
@@ -178,8 +200,10 @@ class DeviceFactory(WebSocketServerFactory):
         max_message_size: int,
         reactor: Any = None,
         fast_writes: bool = True,
+        lean_path: bool = True,
     ) -> None:
-        """``fast_writes``: frames leave at once when nothing is queued (``fast_write``)."""
+        """``fast_writes``: frames leave at once when nothing is queued (``fast_write``);
+        ``lean_path``: small text frames skip Autobahn's per-frame work (``lean_frames``)."""
         super().__init__(reactor=reactor)
         skip_debug_formatting()
         self.gateway = gateway
@@ -199,6 +223,15 @@ class DeviceFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
+        )
+        # A subclass per factory carries what is the same for all its connections.
+        self.protocol = type(  # type: ignore[assignment]
+            "DeviceProtocol",
+            (DeviceProtocol,),
+            {
+                "lean_frames_enabled": lean_path,
+                "lean_limit": lean_frames.lean_limit(self),
+            },
         )
 
     def connection_gone(self, protocol: DeviceProtocol) -> None:
