@@ -21,7 +21,6 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.task import deferLater
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
@@ -30,6 +29,7 @@ from elevgw.stores.redis import RedisStore
 from elevgw.stores.redis_url import RedisAddress
 from elevgw.tap import Options, makeService
 from images import tiny_png
+from waiting import eventually, within
 from wsclient import connect_device
 
 pytest_plugins = ["redis_support"]
@@ -51,25 +51,11 @@ RECOVERY = RedisStore.reconnect_max_delay * 2
 LONE_SURROGATE_LOG = b'{"type": "log", "id": "s1", "payload": {"msg": "broken \\ud800 text"}}'
 
 
-def within(awaitable, seconds: float):
-    """Await ``awaitable``, failing with ``TimeoutError`` (and cancelling it) after ``seconds``."""
-    return ensureDeferred(awaitable).addTimeout(seconds, reactor)
-
-
 async def timed(awaitable, seconds: float = 10.0):
     """``(result, seconds it took)`` of ``awaitable``, bounded by ``seconds``."""
     began = time.monotonic()
     result = await within(awaitable, seconds)
     return result, time.monotonic() - began
-
-
-async def eventually(check, timeout: float, interval: float = 0.05) -> None:
-    """Await ``check()`` until it returns true; fail if it has not after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await within(check(), timeout):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout} s")
-        await deferLater(reactor, interval, lambda: None)
 
 
 async def handshake_status(port: int, device_id: str, token: str) -> int:

@@ -3,7 +3,6 @@
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from zope.interface import implementer
 
 from elevgw.core.sessions import (
     CLOSE_GOING_AWAY,
@@ -15,36 +14,7 @@ from elevgw.core.sessions import (
 )
 from elevgw.events import model as events
 from elevgw.stores.interfaces import StoreUnavailable
-
-
-@implementer(events.IEventSink)
-class RecordingSink:
-    def __init__(self):
-        self.events = []
-
-    def emit(self, event):
-        self.events.append(event)
-
-    def drain(self, timeout):
-        return succeed(None)
-
-    def statuses(self):
-        return [(e.device_id, e.status, e.reason) for e in self.events]
-
-
-class FakeConnection:
-    def __init__(self, fail_on_close=False):
-        self.sent = []
-        self.closed_with = None
-        self.fail_on_close = fail_on_close
-
-    def send_frame(self, data):
-        self.sent.append(data)
-
-    def close(self, code, reason):
-        if self.fail_on_close:
-            raise RuntimeError("transport already gone")
-        self.closed_with = (code, reason)
+from elevgw.testing import FakeConnection, RecordingSink
 
 
 def make_registry(timeout=30.0):

@@ -12,7 +12,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from zope.interface.verify import verifyObject
 
@@ -28,17 +28,13 @@ from elevgw.stores.interfaces import (
 from elevgw.stores.redis import RedisStore
 from elevgw.stores.redis_url import RedisAddress, parse_redis_url
 from elevgw.stores.sqlite import SQLiteStore
+from waiting import within
 
 # The lead's conftest will import these fixtures for every module; until then this one asks.
 pytest_plugins = ["redis_support"]
 
 #: Deadline a test gives any single store call: a store that hangs fails the test instead.
 CALL_DEADLINE = 10.0
-
-
-def within(d, seconds: float = CALL_DEADLINE) -> Deferred:
-    """``d``, failing with ``TimeoutError`` if it has not fired after ``seconds``."""
-    return ensureDeferred(d).addTimeout(seconds, reactor)
 
 
 async def eventually(check, timeout: float = 20.0, interval: float = 0.05):

@@ -31,7 +31,8 @@ from elevgw.events.webhooks import (
     STATUS_PATH,
     WebhookSink,
 )
-from webhook_receiver import HANG, Receiver, TrackingSite, real_reactor, within
+from waiting import within
+from webhook_receiver import HANG, Receiver, TrackingSite, real_reactor
 
 START = 1_700_000_000.0  # the test clock's "now", in epoch seconds
 START_MS = int(START * 1000)

@@ -11,7 +11,8 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-GUARD = 10.0  # real seconds any single wait may take before the test fails
+from waiting import within
+
 HANG = "hang"
 
 
@@ -19,11 +20,6 @@ def real_reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-def within(d: Deferred[Any], seconds: float = GUARD) -> Deferred[Any]:
-    """``d``, failing with TimeoutError after ``seconds`` of real time."""
-    return d.addTimeout(seconds, real_reactor())
 
 
 @attrs.define

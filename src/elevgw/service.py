@@ -109,7 +109,16 @@ class ResourceService(Service):
 class GatewayService(MultiService):
     log = Logger()
 
-    def __init__(self, settings: Settings, reactor: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        store: IDeviceStore | None = None,
+        snapshots: ISnapshotStore | None = None,
+        event_sink: events.IEventSink | None = None,
+    ) -> None:
+        """Parts not given are made from ``settings``; tests hand in fakes
+        (``elevgw.testing``)."""
         super().__init__()
         self.settings = settings
         self.reactor = reactor
@@ -119,9 +128,11 @@ class GatewayService(MultiService):
         self.metrics = Metrics(settings.node_id)
 
         threadpool = ThreadPool(minthreads=1, maxthreads=4, name="elevgw-files")
-        self.store = MeasuredStore(make_store(settings, reactor), self.metrics, reactor)
-        self.snapshots = self._make_snapshot_store(settings.snapshots, threadpool)
-        self.event_sink: events.IEventSink = self._make_event_sink(settings)
+        if store is None:
+            store = make_store(settings, reactor)
+        self.store = MeasuredStore(store, self.metrics, reactor)
+        self.snapshots = snapshots or self._make_snapshot_store(settings.snapshots, threadpool)
+        self.event_sink = event_sink or self._make_event_sink(settings)
         self.gateway = Gateway(
             self.store,
             self.snapshots,

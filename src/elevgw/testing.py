@@ -1,0 +1,168 @@
+"""Fakes for unit tests, ours and those of anyone who builds on elevgw.
+
+Each fake provides the same interface as the real part, keeps what it was given where a test
+can look, and answers at once (plain Deferreds that have already fired), so a test runs on a
+``twisted.internet.task.Clock`` with no reactor, thread or socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from elevgw.events.model import DeviceStatus, IEventSink
+from elevgw.snapshots.interfaces import (
+    IMAGE_TYPES,
+    ISnapshotStore,
+    StoredSnapshot,
+    snapshot_key,
+    sniff_image_type,
+)
+from elevgw.stores.interfaces import Device, IDeviceStore, LogEntry, StoreUnavailable
+
+
+@implementer(IEventSink)
+class RecordingSink:
+    """An event sink that keeps every event it is given, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def emit(self, event: Any) -> None:
+        self.events.append(event)
+
+    def drain(self, timeout: float) -> Deferred:
+        return succeed(True)
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+    def statuses(self) -> list[tuple[str, str, str]]:
+        """``(device_id, status, reason)`` of every status event so far."""
+        return [
+            (e.device_id, e.status, e.reason) for e in self.events if isinstance(e, DeviceStatus)
+        ]
+
+
+class FakeConnection:
+    """What a session talks to: records the frames sent and how it was closed."""
+
+    def __init__(self, fail_on_close: bool = False) -> None:
+        self.sent: list[bytes] = []
+        self.closed_with: tuple[int, str] | None = None
+        self.fail_on_close = fail_on_close
+
+    def send_frame(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.fail_on_close:
+            raise RuntimeError("transport already gone")
+        self.closed_with = (code, reason)
+
+
+@implementer(IDeviceStore)
+class MemoryDeviceStore:
+    """A device store in a dict. Set ``available = False`` to make every call fail with
+    ``StoreUnavailable``, as a store whose backend is down does."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.devices: dict[str, Device] = {}
+        self.logs: dict[str, list[LogEntry]] = {}
+        self.available = True
+
+    def _answer(self, value: Any = None) -> Deferred:
+        if not self.available:
+            return fail(StoreUnavailable("memory store switched off"))
+        return succeed(value)
+
+    def start(self) -> Deferred:
+        return self._answer()
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+    def ping(self) -> Deferred:
+        return self._answer()
+
+    def add_device(self, device: Device) -> Deferred:
+        if self.available:
+            self.devices[device.device_id] = device
+        return self._answer()
+
+    def get_device(self, device_id: str) -> Deferred:
+        return self._answer(self.devices.get(device_id))
+
+    def list_devices(self) -> Deferred:
+        devices = sorted(self.devices.values(), key=lambda d: (d.created, d.device_id))
+        return self._answer(devices)
+
+    def delete_device(self, device_id: str) -> Deferred:
+        if not self.available:
+            return self._answer()
+        return self._answer(self.devices.pop(device_id, None) is not None)
+
+    def set_token_hash(self, device_id: str, token_hash: str) -> Deferred:
+        device = self.devices.get(device_id)
+        if device is None or not self.available:
+            return self._answer(False)
+        self.devices[device_id] = Device(
+            device.device_id, device.location, token_hash, device.created, device.last_seen
+        )
+        return self._answer(True)
+
+    def record_last_seen(self, seen: dict) -> Deferred:
+        if self.available:
+            for device_id, when in seen.items():
+                device = self.devices.get(device_id)
+                if device is not None:
+                    self.devices[device_id] = Device(
+                        device.device_id, device.location, device.token_hash, device.created, when
+                    )
+        return self._answer()
+
+    def append_log(self, device_id: str, entry: LogEntry) -> Deferred:
+        if self.available:
+            self.logs.setdefault(device_id, []).append(entry)
+        return self._answer()
+
+    def get_logs(self, device_id: str, limit: int, before: int | None = None) -> Deferred:
+        entries = [e for e in self.logs.get(device_id, []) if before is None or e.ts < before]
+        return self._answer(sorted(entries, key=lambda e: -e.ts)[:limit])
+
+
+@implementer(ISnapshotStore)
+class MemorySnapshotStore:
+    """Snapshots kept in a dict under ``http://snapshots.test/<key>`` URLs."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.images: dict[str, bytes] = {}
+
+    def start(self) -> Deferred:
+        return succeed(None)
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+    def put(self, device_id: str, data: bytes, taken_at_ms: int) -> Deferred:
+        extension = sniff_image_type(data)
+        if extension is None:
+            raise ValueError("not a PNG, JPEG or WebP image")
+        key = snapshot_key(device_id, taken_at_ms, extension)
+        self.images[key] = data
+        return succeed(
+            StoredSnapshot(
+                device_id=device_id,
+                key=key,
+                url="http://snapshots.test/" + key,
+                content_type=IMAGE_TYPES[extension],
+                size=len(data),
+                taken_at=taken_at_ms,
+            )
+        )
