@@ -10,6 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
 from elevgw.north.api import APIRequest
@@ -39,7 +40,7 @@ async def test_send_writes_the_command_to_the_device(gateway):
 @pytest.mark.parametrize(
     "body, status, code",
     [
-        ({"device_id": "dev_nobody", "command": "REBOOT"}, 404, "device_offline"),
+        ({"device_id": "dev_nobody", "command": "REBOOT"}, 404, "unknown_device"),
         ({"command": "REBOOT"}, 400, "bad_device_id"),
         ({"device_id": "dev_x"}, 400, "bad_command"),
         ({"device_id": "dev_x", "command": ""}, 400, "bad_command"),
@@ -51,6 +52,58 @@ async def test_send_refuses_what_it_cannot_deliver(gateway, body, status, code):
     got_status, got = await gateway.call("POST", "/api/send", body)
     assert (got_status, got["error"]) == (status, code)
     assert got["detail"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_to_a_known_device_that_is_not_connected_is_device_offline(gateway):
+    device_id, device = await online_device(gateway)
+    await device.close()
+    for _ in range(100):  # the gateway sees the close after the client does
+        if not len(gateway.service.gateway.registry):
+            break
+        await deferLater(reactor, 0.01)
+    status, body = await gateway.call(
+        "POST", "/api/send", {"device_id": device_id, "command": "REBOOT"}
+    )
+    assert (status, body["error"]) == (404, "device_offline")
+    # Revoked is unknown again.
+    await gateway.call("DELETE", f"/api/v1/devices/{device_id}")
+    status, body = await gateway.call(
+        "POST", "/api/send", {"device_id": device_id, "command": "REBOOT"}
+    )
+    assert (status, body["error"]) == (404, "unknown_device")
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_to_a_connected_device_does_not_ask_the_store(gateway, monkeypatch):
+    device_id, device = await online_device(gateway)
+
+    def no_store(*args, **kwargs):
+        raise AssertionError("the store was asked")
+
+    monkeypatch.setattr(gateway.service.store, "get_device", no_store)
+    status, body = await gateway.call(
+        "POST", "/api/send", {"device_id": device_id, "command": "REBOOT"}
+    )
+    assert status == 200 and body["ok"] is True
+    await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_to_an_offline_device_while_the_store_is_down_is_device_offline(
+    gateway, monkeypatch
+):
+    from twisted.internet.defer import fail
+
+    from elevgw.stores.interfaces import StoreUnavailable
+
+    monkeypatch.setattr(
+        gateway.service.store, "get_device", lambda device_id: fail(StoreUnavailable("down"))
+    )
+    status, body = await gateway.call(
+        "POST", "/api/send", {"device_id": "dev_somebody", "command": "REBOOT"}
+    )
+    assert (status, body["error"]) == (404, "device_offline")
 
 
 @pytest.mark.parametrize(

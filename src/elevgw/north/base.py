@@ -15,8 +15,10 @@ from typing import Any
 
 import attrs
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET
 
 from elevgw.core.commands import CommandRouter
 from elevgw.north.errors import ApiError, error_for
@@ -61,12 +63,32 @@ class APIBase:
         self._api_key = deps.api_key.encode("utf-8") if deps.api_key else None
         self.draining = False
 
-    def answer_now(self, handler: Callable, request: Any) -> bytes:
-        """Run a synchronous route handler outside Klein, with the same error handling."""
+    def answer_now(self, handler: Callable, request: Any) -> Any:
+        """Run a route handler outside Klein, with the same error handling.
+
+        The handler answers synchronously (bytes) on its fast path; where it has to wait (a
+        store lookup) it returns a Deferred, whose answer is written when it fires.
+        """
         try:
-            return handler(self, request)
+            body = handler(self, request)
         except Exception:
             return self._handle_error(request, Failure())
+        if not isinstance(body, Deferred):
+            return body
+        lost: list = []
+        request.notifyFinish().addErrback(lost.append)
+
+        def write(body: bytes) -> None:
+            if lost:  # the client went away: nobody to answer
+                return
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        body.addErrback(lambda failure: self._handle_error(request, failure))
+        body.addCallback(write)
+        body.addErrback(lambda failure: self.log.failure("answering failed", failure))
+        return NOT_DONE_YET
 
     @app.handle_errors(Exception)
     def _handle_error(self, request: Any, failure: Failure) -> bytes:

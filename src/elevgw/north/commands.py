@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from elevgw.core.commands import SNAPSHOT_COMMAND
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from elevgw.core.commands import SNAPSHOT_COMMAND, DeviceOffline
 from elevgw.north.base import APIBase, app, float_arg
 from elevgw.north.errors import ApiError, error_for
+from elevgw.stores.interfaces import StoreUnavailable
 
 MAX_SNAPSHOT_TIMEOUT = 120.0
 
@@ -20,7 +24,7 @@ _SNAPSHOT_OUTCOMES = {
 
 class CommandRoutes(APIBase):
     @app.route("/api/send", methods=["POST"])
-    def send(self, request: Any) -> bytes:
+    def send(self, request: Any) -> bytes | Deferred:
         """The hot route: ``elevgw.north.api.APIResource`` runs it without Klein."""
         self._authorize(request)
         body = self._body(request)
@@ -30,8 +34,32 @@ class CommandRoutes(APIBase):
             raise ApiError(400, "bad_device_id", "device_id must be a non-empty string")
         if not isinstance(command, str) or not command:
             raise ApiError(400, "bad_command", "command must be a non-empty string")
-        sent = self.commands.send(device_id, command, body.get("data"))
+        try:
+            sent = self.commands.send(device_id, command, body.get("data"))
+        except DeviceOffline:
+            return self._offline_or_unknown(request, device_id)
         return self._json(request, {"ok": True, "id": sent.id})
+
+    def _offline_or_unknown(self, request: Any, device_id: str) -> Deferred:
+        """Fail with 404 ``unknown_device`` for an id that was never registered (or was
+        revoked), else 404 ``device_offline``.
+
+        Only a device that is not connected here costs this store lookup: the connected
+        case, the one a backend makes hundreds of times a second, answers without it. A store
+        that does not answer cannot change the outcome (the command was not sent), so the
+        answer is then ``device_offline``.
+        """
+
+        def answer(device: Any) -> None:
+            if device is None:
+                raise ApiError(404, "unknown_device", f"no device {device_id}")
+            raise DeviceOffline(device_id)
+
+        def store_failed(failure: Failure) -> None:
+            failure.trap(StoreUnavailable)
+            raise DeviceOffline(device_id)
+
+        return self.store.get_device(device_id).addCallbacks(answer, store_failed)
 
     @app.route("/api/v1/devices/remote/<device_id>/snapshot", methods=["GET"])
     async def snapshot(self, request: Any, device_id: str) -> bytes:
