@@ -82,7 +82,7 @@ API = ["--api-endpoint", "tcp:0:interface=127.0.0.1"]
             {"ELEVGW_STORE": "sqlite:/nonexistent/dir/x.db"},
             "elevgw: ELEVGW_STORE sqlite:/nonexistent/dir/x.db: folder /nonexistent/dir",
         ),
-        (["--store", "mysql://db"], {}, "elevgw: --store must be sqlite:PATH or redis://"),
+        (["--store", "mysql://db"], {}, "elevgw: --store: must be sqlite:PATH or redis://"),
         (
             ["--log-level", "chatty"],
             {},

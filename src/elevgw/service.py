@@ -36,6 +36,7 @@ from elevgw.presence.local import LocalPresence
 from elevgw.snapshots.files import FileSnapshotStore
 from elevgw.snapshots.interfaces import ISnapshotStore
 from elevgw.south.protocol import DeviceFactory
+from elevgw.specs import FileSnapshotsSpec, SQLiteSpec, parse_snapshots, parse_store
 from elevgw.stores.interfaces import IDeviceStore
 from elevgw.stores.sqlite import SQLiteStore
 from elevgw.timing import within
@@ -46,27 +47,22 @@ class ConfigError(ValueError):
 
 
 def make_store(settings: Settings, reactor: Any) -> IDeviceStore:
-    spec = settings.store
-    if spec.startswith("sqlite:"):
-        path = spec[len("sqlite:") :]
-        if not path:
-            raise ConfigError("--store sqlite: needs a file path, e.g. sqlite:elevgw.sqlite3")
-        return SQLiteStore(path, reactor)
-    if spec.startswith("redis://"):
-        # Imported only when chosen: importing txredisapi installs the global reactor.
-        from elevgw.stores.redis import RedisStore
+    try:
+        spec = parse_store(settings.store)
+    except ValueError as e:
+        raise ConfigError(f"--store: {e}")
+    if isinstance(spec, SQLiteSpec):
+        return SQLiteStore(spec.path, reactor)
+    # Imported only when chosen: importing txredisapi installs the global reactor.
+    from elevgw.stores.redis import RedisStore
 
-        try:
-            return RedisStore(
-                spec,
-                prefix=settings.redis_prefix,
-                log_maxlen=settings.log_maxlen,
-                reactor=reactor,
-                timeout=settings.store_timeout,
-            )
-        except ValueError as e:
-            raise ConfigError("--store: {}".format(e))
-    raise ConfigError(f"--store must be sqlite:PATH or redis://host:port/db, not {spec!r}")
+    return RedisStore(
+        settings.store,
+        prefix=settings.redis_prefix,
+        log_maxlen=settings.log_maxlen,
+        reactor=reactor,
+        timeout=settings.store_timeout,
+    )
 
 
 class ThreadPoolService(Service):
@@ -210,19 +206,18 @@ class GatewayService(MultiService):
         return sink
 
     def _make_snapshot_store(self, spec: str, threadpool: ThreadPool) -> ISnapshotStore:
-        if spec.startswith("file:"):
-            path = spec[len("file:") :]
-            if not path:
-                raise ConfigError("--snapshots file: needs a folder, e.g. file:snapshots")
-            return FileSnapshotStore(path, self.public_url, self.reactor, threadpool)
-        if spec.startswith("oss://"):
-            from elevgw.snapshots.oss import from_spec
+        try:
+            parsed = parse_snapshots(spec)
+        except ValueError as e:
+            raise ConfigError(f"--snapshots: {e}")
+        if isinstance(parsed, FileSnapshotsSpec):
+            return FileSnapshotStore(parsed.folder, self.public_url, self.reactor, threadpool)
+        from elevgw.snapshots.oss import from_spec
 
-            try:
-                return from_spec(spec, os.environ, self.reactor, **self.settings.oss_options())
-            except ValueError as e:
-                raise ConfigError(str(e))
-        raise ConfigError(f"--snapshots must be file:PATH or oss://BUCKET, not {spec!r}")
+        try:
+            return from_spec(parsed.url, os.environ, self.reactor, **self.settings.oss_options())
+        except ValueError as e:
+            raise ConfigError(str(e))
 
     def public_url(self) -> str:
         if self.settings.public_url:

@@ -26,8 +26,8 @@ from twisted.python.failure import Failure
 
 import elevgw
 from elevgw.config import Settings, default_node_id
+from elevgw.specs import OSSSnapshotsSpec, SQLiteSpec, parse_snapshots, parse_store
 from elevgw.startup import exit_with, one_line_errors
-from elevgw.stores.redis_url import parse_redis_url
 
 
 def _number(kind: type, minimum: float, what: str) -> Any:
@@ -374,37 +374,23 @@ class Options(usage.Options):
     def _check_stores(self) -> None:
         """Refuse a store or snapshot spec now: twistd calls ``makeService`` outside its
         usage-error handling, so a refusal there would print a traceback."""
-        store = self["store"]
-        if store.startswith("redis://"):
-            try:
-                parse_redis_url(store)
-            except ValueError as e:
-                raise usage.UsageError("{}: {}".format(self.source("store"), e))
-        elif store.startswith("sqlite:") and len(store) > len("sqlite:"):
-            self._check_sqlite_path(store[len("sqlite:") :])
-        else:
-            raise usage.UsageError(
-                "{} must be sqlite:PATH or redis://host:port/db, not {!r}".format(
-                    self.source("store"), store
-                )
-            )
-        snapshots = self["snapshots"]
-        if snapshots.startswith("oss://"):
+        try:
+            store = parse_store(self["store"])
+        except ValueError as e:
+            raise usage.UsageError("{}: {}".format(self.source("store"), e))
+        if isinstance(store, SQLiteSpec):
+            self._check_sqlite_path(store.path)
+        try:
+            snapshots = parse_snapshots(self["snapshots"])
+        except ValueError as e:
+            raise usage.UsageError("{}: {}".format(self.source("snapshots"), e))
+        if isinstance(snapshots, OSSSnapshotsSpec):
             from elevgw.snapshots.oss import from_spec
 
             try:
-                from_spec(snapshots, os.environ, None, **self.settings().oss_options())
+                from_spec(snapshots.url, os.environ, None, **self.settings().oss_options())
             except ValueError as e:
                 raise usage.UsageError(str(e))
-        if not (
-            (snapshots.startswith("file:") and len(snapshots) > len("file:"))
-            or snapshots.startswith("oss://")
-        ):
-            raise usage.UsageError(
-                "{} must be file:FOLDER or oss://BUCKET, not {!r}".format(
-                    self.source("snapshots"), snapshots
-                )
-            )
 
     def _check_sqlite_path(self, path: str) -> None:
         """SQLite creates the file but not its folder; say so now rather than fail later
