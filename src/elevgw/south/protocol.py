@@ -18,8 +18,8 @@ from twisted.internet.defer import Deferred, succeed
 
 from elevgw.core.gateway import Gateway, HandshakeRefused
 from elevgw.south import fast_write, lean_frames
+from elevgw.south.refusals import WS_PATH, PlainRefusalsProtocol
 
-WS_PATH = "/ws"
 _OPEN = WebSocketServerProtocol.STATE_OPEN
 
 
@@ -77,7 +77,7 @@ def credentials(request: Any) -> tuple[str, str]:
     return device_id, token
 
 
-class DeviceProtocol(WebSocketServerProtocol):
+class DeviceProtocol(PlainRefusalsProtocol):
     # No ``log = Logger()`` here: it would replace Autobahn's txaio logger, which drops its
     # per-frame debug lines, with one that formats and writes every one of them.
     session = None
@@ -204,7 +204,8 @@ class DeviceFactory(WebSocketServerFactory):
     ) -> None:
         """``fast_writes``: frames leave at once when nothing is queued (``fast_write``);
         ``lean_path``: small text frames skip Autobahn's per-frame work (``lean_frames``)."""
-        super().__init__(reactor=reactor)
+        # No Server header: the device port does not say what software it runs.
+        super().__init__(reactor=reactor, server=None)
         skip_debug_formatting()
         self.gateway = gateway
         self.fast_writes = fast_writes
@@ -223,6 +224,8 @@ class DeviceFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=5,
+            # A request without Upgrade is refused (see refusals), not shown a status page.
+            webStatus=False,
         )
         # A subclass per factory carries what is the same for all its connections.
         self.protocol = type(  # type: ignore[assignment]
