@@ -295,9 +295,9 @@ class Gateway:
         """Hand the store ``LAST_SEEN_CHUNK`` devices at a time, each after the last is done.
 
         The minute's batch is every live session. In one piece (15,000 devices) the SQLite
-        store's pool thread held the GIL for 26 ms of JSON encoding, so the reactor stood
-        still that long, then ran a 70 ms statement on the same core; in chunks of 1,000 the
-        GIL is held about 2 ms at a time and the reactor runs between chunks.
+        store's pool thread held the GIL for the whole JSON encoding, so the reactor stood
+        still that long, then ran one long statement on the same core; in chunks the GIL is
+        held briefly and the reactor runs between chunks (figures: ``docs/benchmarks.rst``).
         """
         items = list(seen.items())
         for start in range(0, len(items), LAST_SEEN_CHUNK):

@@ -32,10 +32,10 @@ class APIResource(Resource):
 
     ``/api/send`` is the call a backend makes hundreds of times a second, and Klein's
     per-call machinery (a werkzeug URL adapter, a chain of Deferreds, chunked encoding)
-    cost twice what the command itself does. Worse, werkzeug's matcher and Klein's
+    cost more than the command itself. Worse, werkzeug's matcher and Klein's
     ``render`` each build a self-referencing closure per call: about 40 objects of cyclic
-    garbage per request, which at 500 calls a second made a 150 ms collector pause every
-    1.5 s and stopped every device's heartbeat with it. Answered synchronously here, the
+    garbage per request, which under load made long collector pauses that stopped every
+    device's heartbeat (figures: ``docs/benchmarks.rst``, "Why the hot paths look as they do"). Answered synchronously here, the
     same handler with the same error table sends one write with a ``Content-Length`` and
     leaves nothing for the cyclic collector. Every other route goes through Klein.
     """
@@ -75,7 +75,7 @@ class APISite(Site):
 
     def __init__(self, api: DeviceAPI, clock: Any) -> None:
         # The API takes JSON only: no form decoding, which parses the Content-Type of every
-        # POST with the email package (about 150 us a request).
+        # POST with the email package.
         super().__init__(api.resource(), parsePOSTFormSubmission=False)
         self.clock = clock
         metrics = api.metrics

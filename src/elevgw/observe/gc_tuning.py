@@ -3,7 +3,7 @@ made visible.
 
 Every session keeps a few dozen GC-tracked objects alive (15,000 devices: about 600,000).
 With CPython's default thresholds (700, 10, 10) a full collection then runs every few seconds
-under load and stops the reactor for 0.2-0.8 s; with (50,000, 20, 100) it runs rarely. Objects
+under load and stops the reactor for a long pause; with (50,000, 20, 100) it runs rarely. Objects
 that exist once the service has started (imports, configuration) are never garbage, so they
 are frozen out of every pass. The tuning is applied when the service starts and undone when
 it stops, and every collection's pause is observed in ``elevgw_gc_pause_seconds``.

@@ -81,7 +81,7 @@ class LineBudget:
     counted and written as one summary line at the end of that second.
 
     A reconnect storm brings thousands of devices back within seconds. One "online" line
-    each was a fifth of the CPU of a handshake (twistd's text observer formats a time zone
+    cost a large share of a handshake's CPU (twistd's text observer formats a time zone
     and flushes per line) and 2,000 lines a second help nobody; below the budget every line
     is written as before, and the exact counts are on ``/metrics`` and in the webhooks.
     ``per_second`` 0 writes every line.

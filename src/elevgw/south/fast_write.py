@@ -2,10 +2,9 @@
 
 Twisted queues every ``transport.write`` and sends it on the next reactor pass: an
 ``epoll_ctl`` to ask for writability, a pass that reports the socket writable, ``doWrite``,
-another ``epoll_ctl`` to stop asking. For a pong that round was a tenth of the whole cost of
-a heartbeat (15,000 devices: 56 % of the core before, 50 % after), and every command frame
-waited for the next pass, behind whatever else that pass had to do (commands p99 13.5 ms
-before, 7.5 ms after, at 500 calls a second).
+another ``epoll_ctl`` to stop asking. For a pong that round was a large part of the whole
+cost of a heartbeat, and every command frame waited for the next pass, behind whatever else
+that pass had to do (figures: ``docs/benchmarks.rst``).
 
 Only an empty queue is skipped: anything already queued keeps its order, so a device that
 stops reading fills its socket buffer, then Twisted's queue, exactly as before. TLS
@@ -13,8 +12,8 @@ transports and anything that is not a plain ``tcp.Server`` keep Twisted's write.
 
 While the protocol handles one read (``hold`` … ``release``), its writes are held and leave together at
 the end of it: a device that sends eight heartbeats in one segment gets its eight pongs in
-one send, as Twisted's queue would have made them, instead of eight (a flood of pipelined
-heartbeats: 87 % of the bare Autobahn server without this).
+one send, as Twisted's queue would have made them, instead of eight (without this a flood of
+pipelined heartbeats runs slower than the bare Autobahn server).
 
 This reads ``FileDescriptor``'s queue attributes (``_tempDataBuffer``, ``dataBuffer``,
 ``offset``, ``_writeDisconnected``), unchanged since Twisted 8. ``tests/test_write_through.py``

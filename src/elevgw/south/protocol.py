@@ -39,9 +39,9 @@ def skip_debug_formatting() -> bool:
     """Stop Autobahn formatting the arguments of debug lines nobody will see.
 
     Autobahn formats the arguments of its per-frame debug lines (``hltype``, ``hlval``:
-    ``inspect`` and string work) before its logger drops them: about a tenth of a loaded
+    ``inspect`` and string work) before its logger drops them: a visible share of a loaded
     gateway's CPU in profiles; and ``_connectionMade`` pretty-prints every protocol option of
-    every new connection (``pformat``) for a debug line: a quarter of a handshake. Applied
+    every new connection (``pformat``) for a debug line. Applied
     once per process, only when Autobahn's log level is above debug, and only if every name
     is still there (``tests/test_south.py`` fails if Autobahn renames one). ``True`` if the
     patch is in place.
