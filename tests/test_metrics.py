@@ -138,3 +138,12 @@ async def test_unknown_http_methods_share_one_label_value(gateway):
     assert value(samples, "elevgw_api_requests_total", method="GET", status="405") == 1
     methods = {dict(labels).get("method") for name, labels in samples if "api_requests" in name}
     assert methods == {"other", "GET"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_carry_no_created_series(gateway):
+    """prometheus_client's ``_created`` timestamps are a third of the text and read by nobody."""
+    samples = await scrape(gateway)
+    assert value(samples, "elevgw_api_requests_total", method="GET", status="200") >= 0
+    assert not [name for name, _ in samples if name.endswith("_created")]
+    assert [name for name, _ in samples if name == "elevgw_sweep_seconds_count"]

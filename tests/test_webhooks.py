@@ -577,3 +577,17 @@ async def test_a_full_queue_of_single_events_drops_the_new_event(serve, make_sin
 
     assert await within(sink.drain(60)) is True
     assert sorted(r.json["ts"] for r in receiver.requests) == [1, 2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_deliveries_write_no_factory_lines(serve, make_sink):
+    """Twisted's HTTP client factory logs "Starting factory"/"Stopping factory" per connection."""
+    receiver, url = await started(serve)
+    sink = make_sink(url)
+    with capturedLogs() as events:
+        sink.emit(status("dev_1", "online", ts=1))
+        assert await within(sink.drain(60)) is True
+        await within(sink.stop())
+    messages = [e.get("log_format") or str(e.get("log_io", "")) for e in events]
+    assert not [m for m in messages if "factory" in str(m).lower()], messages
+    assert sink.stats["delivered"] == 1
