@@ -54,6 +54,11 @@ BASELINE = os.path.join(HERE, "baseline.py")
 SCENARIOS = ("flood", "capacity", "storm", "commands", "snapshots")
 WITH_BASELINE = ("flood", "capacity", "storm")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: ``flood`` measures the stack's ceiling: 100 devices each sending as fast as the gateway
+#: answers, far past the per-device message rate a real device is held to.
+SCENARIO_GATEWAY_ARGS = {
+    "flood": ["--message-rate", "1000000000", "--message-burst", "1000000000"]
+}
 BEGIN = ".. results:begin"
 END = ".. results:end"
 
@@ -182,8 +187,11 @@ def port_open(port: int) -> bool:
 class Server:
     """The gateway or the baseline, started pinned to core 0 in ``folder``."""
 
-    def __init__(self, args: argparse.Namespace, target: str, folder: str) -> None:
+    def __init__(
+        self, args: argparse.Namespace, target: str, folder: str, extra: list[str] | None = None
+    ) -> None:
         self.args = args
+        self.extra = extra or []
         self.target = target
         self.folder = folder
         self.ws_port = free_port()
@@ -218,7 +226,7 @@ class Server:
                 "--snapshots",
                 "file:" + os.path.join(self.folder, "snapshots"),
             ]
-            command += self.args.gateway_arg
+            command += self.extra + self.args.gateway_arg
         else:
             # all interfaces, like the gateway's tcp:PORT, so that --spread reaches it
             command = [sys.executable, BASELINE, str(self.ws_port), "--interface", "0.0.0.0"]
@@ -370,7 +378,7 @@ def run_one(args, name: str, target: str, profile_dir: str | None) -> dict:
             record["provision"] = provision(
                 args, params["devices"], os.path.join(folder, "elevgw.sqlite3")
             )
-        server = Server(args, target, folder)
+        server = Server(args, target, folder, SCENARIO_GATEWAY_ARGS.get(name))
         server.start()
         sampler = Sampler(server.pid)
         sampler.sample()

@@ -216,16 +216,15 @@ def test_frames_to_the_device_are_the_bytes_autobahn_would_write():
         assert server_frames(lean.transport.value()) == [(1, True, payload)]
 
 
-def test_frames_to_the_device_once_closing_fail_as_autobahn_fails_them():
+def test_frames_to_the_device_once_closing_are_dropped_on_both_paths():
+    # An answer to a store write that finishes after the close has no one to go to; raising
+    # would leave an unhandled error in that write's Deferred.
     lean, plain = both()
-    errors = []
     for harness in (lean, plain):
         harness.protocol.close(1000, "bye")
-        try:
-            harness.protocol.send_frame(b"{}")
-        except Exception as e:
-            errors.append(type(e))
-    assert len(errors) == 2 and errors[0] is errors[1]
+        closing = harness.transport.value()
+        harness.protocol.send_frame(b"{}")
+        assert harness.transport.value() == closing
 
 
 def test_unmask_matches_the_rfc_for_every_length_up_to_the_big_integer_bound():

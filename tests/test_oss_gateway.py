@@ -88,7 +88,10 @@ async def test_oss_refusing_gives_502_an_error_frame_and_the_gateway_lives_on(
 
 @pytest_twisted.ensureDeferred
 async def test_hanging_oss_gives_504_and_heartbeats_keep_flowing(oss, gateway_factory):
-    gateway = await gateway_factory(snapshots="oss://" + BUCKET, oss_timeout=1.0)
+    # The other device heartbeats as fast as it is answered: far past a device's rate limit.
+    gateway = await gateway_factory(
+        snapshots="oss://" + BUCKET, oss_timeout=1.0, message_burst=1_000_000
+    )
     creds, other_creds = await gateway.register(), await gateway.register("B")
     device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
     other = await connect_device(gateway.ws_port, other_creds["device_id"], other_creds["token"])

@@ -39,7 +39,9 @@ def test_other_transports_keep_twisted_write():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_device_that_stops_reading_still_gets_every_frame_in_order(gateway):
+async def test_a_device_that_stops_reading_still_gets_every_frame_in_order(gateway_factory):
+    # An outbound buffer larger than the 9 MB sent (the default would close the device).
+    gateway = await gateway_factory(max_outbound_buffer=32 * 1024 * 1024)
     creds = await gateway.register()
     device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
     device.protocol.transport.pauseProducing()  # the device stops reading its socket

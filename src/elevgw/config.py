@@ -29,6 +29,12 @@ class Settings:
     node_id: str = attrs.field(factory=default_node_id)
     drain_timeout: float = 10.0
     lifecycle_log_rate: int = 100
+    message_rate: float = 50.0
+    message_burst: int = 200
+    max_pending_writes: int = 16
+    max_outbound_buffer: int = 1024 * 1024
+    handshake_timeout: float = 10.0
+    max_sessions: int = 50_000
     redis_prefix: str = "elevgw:"
     log_maxlen: int = 10000
     store_timeout: float = 2.0

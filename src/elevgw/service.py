@@ -138,6 +138,10 @@ class GatewayService(MultiService):
             node_id=settings.node_id,
             metrics=self.metrics,
             lifecycle_log_rate=settings.lifecycle_log_rate,
+            message_rate=settings.message_rate,
+            message_burst=settings.message_burst,
+            max_pending_writes=settings.max_pending_writes,
+            max_sessions=settings.max_sessions,
         )
         self.presence = LocalPresence(self.gateway.registry, settings.node_id)
         self.device_factory = DeviceFactory(
@@ -146,6 +150,8 @@ class GatewayService(MultiService):
             reactor=reactor,
             fast_writes=settings.fast_writes,
             lean_path=settings.lean_frames,
+            max_outbound_buffer=settings.max_outbound_buffer,
+            handshake_timeout=settings.handshake_timeout,
         )
         self.api = DeviceAPI(
             APIDeps(

@@ -30,6 +30,11 @@ class DeviceWentOffline(Exception):
     """The device disconnected before answering."""
 
 
+class DeviceNotReading(Exception):
+    """Writing the command overflowed the device's outbound buffer: the device is not reading
+    its socket, and was closed (1008). The command was not delivered."""
+
+
 class AnswerTimeout(Exception):
     """The device did not answer in time."""
 
@@ -58,7 +63,8 @@ class CommandRouter:
         registry.on_session_ended.append(self._session_ended)
 
     def send(self, device_id: str, name: str, data: Any = None) -> Command:
-        """Write a command frame to the device's session; raise ``DeviceOffline`` if it has none."""
+        """Write a command frame to the device's session; raise ``DeviceOffline`` if it has none,
+        ``DeviceNotReading`` if the write found the device's outbound buffer full."""
         session = self._registry.get(device_id)
         if session is None:
             if self._metrics is not None:
@@ -66,6 +72,10 @@ class CommandRouter:
             raise DeviceOffline(device_id)
         command = Command(new_command_id(), device_id, name, data)
         session.send_frame(wire.command_frame(command.id, name, data))
+        if session.ended:  # the write overflowed the device's outbound buffer
+            if self._metrics is not None:
+                self._metrics.commands.labels("not_reading").inc()
+            raise DeviceNotReading(device_id)
         if self._metrics is not None:
             self._metrics.commands.labels("sent").inc()
             self._metrics.frames_out["command"] += 1

@@ -18,8 +18,10 @@ from twisted.python.failure import Failure
 
 from elevgw.core import wire
 from elevgw.core.commands import CommandRouter
-from elevgw.core.sessions import DeviceSession, SessionRegistry
+from elevgw.core.ratelimit import DeviceLimits, Verdict
+from elevgw.core.sessions import CLOSE_POLICY, DeviceSession, SessionRegistry
 from elevgw.events import model as events
+from elevgw.observe.logs import LineBudget
 from elevgw.observe.metrics import Metrics
 from elevgw.snapshots.interfaces import ISnapshotStore, SnapshotStoreError
 from elevgw.stores.interfaces import IDeviceStore, LogEntry, StoreUnavailable, token_matches
@@ -51,8 +53,16 @@ class Gateway:
         metrics: Metrics | None = None,
         max_pending_handshakes: int = 2000,
         lifecycle_log_rate: int = 100,
+        message_rate: float = 50.0,
+        message_burst: int = 200,
+        max_pending_writes: int = 16,
+        max_sessions: int = 50_000,
     ) -> None:
         self.max_pending_handshakes = max_pending_handshakes
+        self.message_rate = message_rate
+        self.message_burst = message_burst
+        self.max_pending_writes = max_pending_writes
+        self.max_sessions = max_sessions
         self._pending_seen: dict[str, float] = {}
         self._seen_writes: set[Deferred] = set()
         self._pending_handshakes = 0
@@ -74,6 +84,7 @@ class Gateway:
         self._frames_in = metrics.frames_in
         self._frames_out = metrics.frames_out
         metrics.watch_sessions(self.registry.__len__)
+        self.frame_error_lines = LineBudget(clock, lifecycle_log_rate, self.log, "bad frame")
 
     # -- admission
 
@@ -86,6 +97,12 @@ class Gateway:
         """
         if self._pending_handshakes >= self.max_pending_handshakes:
             return fail(HandshakeRefused(503, "gateway busy, retry later"))
+        if (
+            len(self.registry) + self._pending_handshakes >= self.max_sessions
+            and self.registry.get(device_id) is None
+        ):
+            self.metrics.limit_hit("sessions")
+            return fail(HandshakeRefused(503, "gateway full, retry later"))
         self._pending_handshakes += 1
         d = self.store.get_device(device_id)
 
@@ -120,21 +137,79 @@ class Gateway:
         return d.addCallback(check).addErrback(unavailable)
 
     def connected(self, device_id: str, connection: Any) -> DeviceSession:
-        return self.registry.attach(device_id, connection)
+        session = self.registry.attach(device_id, connection)
+        session.limits = DeviceLimits(self.message_rate, self.message_burst, self.clock)
+        return session
 
     def disconnected(self, session: DeviceSession) -> None:
         self.registry.detach(session)
 
     # -- frames
 
+    def frame_allowed(self, session: DeviceSession, now: float) -> bool:
+        """Whether to handle a frame of ``session`` now (text, binary or ping: every path
+        that takes a frame from a device asks first).
+
+        Past the device's message rate it gets one ``rate_limited`` error frame; if it goes
+        on it is closed with 1008. Frames over the limit are dropped and do not count as
+        signs of life.
+        """
+        verdict = session.limits.check_frame(now)
+        if verdict is Verdict.ALLOW:
+            return True
+        if verdict is Verdict.WARN:
+            self.metrics.limit_hit("message_rate")
+            self.log.info(
+                "device {device_id} over its message rate ({rate}/s, burst {burst})",
+                device_id=session.device_id,
+                rate=self.message_rate,
+                burst=self.message_burst,
+                event="rate_limited",
+            )
+            self._send_error(
+                session,
+                wire.RATE_LIMITED,
+                "over {} frames a second (burst {}): slow down or be closed (1008)".format(
+                    self.message_rate, self.message_burst
+                ),
+                None,
+            )
+        elif verdict is Verdict.CLOSE:
+            self.close_for_policy(session, "message_rate", "went on past its message rate")
+        return False
+
+    def close_for_policy(self, session: DeviceSession, limit: str, why: str) -> None:
+        """End ``session`` at once for breaking ``limit`` and close its socket with 1008.
+
+        The session is offline (``closed``) before this returns, so a command written to
+        it afterwards fails as offline instead of being buffered for a closing socket.
+        """
+        if session.ended:
+            return
+        self.metrics.limit_hit(limit + "_close")
+        self.log.warn(
+            "device {device_id} closed (1008): {why}",
+            device_id=session.device_id,
+            why=why,
+            event="policy_close",
+        )
+        self.registry.end(session, events.OFFLINE_CLOSED)
+        try:
+            session.connection.close(CLOSE_POLICY, why)
+        except Exception:
+            self.log.failure("closing device {device_id} failed", device_id=session.device_id)
+
     def text_received(self, session: DeviceSession, data: bytes) -> None:
-        session.last_active = now = self.clock.seconds()
+        now = self.clock.seconds()
+        if not self.frame_allowed(session, now):
+            return
         try:
             frame = wire.parse_frame(data, session.device_id)
         except wire.FrameError as e:
             self._frames_in["invalid"] += 1
             self._frame_error(session, e)
             return
+        session.last_active = now
         kind = frame.type
         self._frames_in[kind] += 1
         if kind == wire.HEARTBEAT:
@@ -154,18 +229,20 @@ class Gateway:
 
     def binary_received(self, session: DeviceSession, data: bytes) -> None:
         """A binary frame is a snapshot's raw image (the cheap path: no base64, no JSON)."""
-        session.last_active = self.clock.seconds()
+        if not self.frame_allowed(session, self.clock.seconds()):
+            return
         self._frames_in["binary"] += 1
         self._snapshot_received(session, data, None)
 
     def _frame_error(self, session: DeviceSession, error: wire.FrameError) -> None:
-        self.log.info(
-            "bad frame from {device_id}: {code} ({detail})",
-            device_id=session.device_id,
-            code=error.code,
-            detail=error.detail,
-            event="frame_error",
-        )
+        if self.frame_error_lines.take("bad frame"):
+            self.log.info(
+                "bad frame from {device_id}: {code} ({detail})",
+                device_id=session.device_id,
+                code=error.code,
+                detail=error.detail,
+                event="frame_error",
+            )
         self._send_error(session, error.code, error.detail, error.frame_id)
 
     def _send_error(self, session: DeviceSession, code: str, detail: str, frame_id: Any) -> None:
@@ -175,7 +252,7 @@ class Gateway:
 
     def _log_received(self, session: DeviceSession, frame: wire.Frame, now: float) -> None:
         entry = LogEntry(ts=int(now * 1000), payload=frame.payload)
-        d = self.store.append_log(session.device_id, entry)
+        d = self._store_work(session, self.store.append_log(session.device_id, entry))
 
         def stored(_):
             if frame.id is not None:
@@ -206,12 +283,14 @@ class Gateway:
         request_id = getattr(waiter, "command", None)
         request_id = request_id.id if request_id is not None else frame_id
         try:
-            d = self.snapshots.put(device_id, image, int(self.clock.seconds() * 1000))
+            d = self.snapshots.put(device_id, image, int(started * 1000))
         except ValueError as e:
             error = wire.FrameError(wire.NOT_AN_IMAGE, str(e), frame_id)
             self._frame_error(session, error)
             _settle(waiter, error=error)
             return
+        session.last_active = started
+        self._store_work(session, d)
 
         def stored(snapshot):
             self.metrics.snapshot_store_seconds.labels("ok").observe(
@@ -236,9 +315,19 @@ class Gateway:
             self.metrics.snapshot_store_seconds.labels("failed").observe(
                 self.clock.seconds() - started
             )
-            self.log.failure(
-                "storing a snapshot of {device_id} failed", failure, device_id=device_id
-            )
+            if failure.check(SnapshotStoreError):
+                # The snapshot store is a dependency that fails now and then (a timeout,
+                # OSS down): one line with its cause, no traceback.
+                self.log.warn(
+                    "storing a snapshot of {device_id} failed: {error}",
+                    device_id=device_id,
+                    error=failure.getErrorMessage(),
+                    event="snapshot_failed",
+                )
+            else:
+                self.log.failure(
+                    "storing a snapshot of {device_id} failed", failure, device_id=device_id
+                )
             self._send_error(
                 session, wire.SNAPSHOT_FAILED, "snapshot could not be stored", frame_id
             )
@@ -250,6 +339,27 @@ class Gateway:
             _settle(waiter, error=error)
 
         d.addCallbacks(stored, failed)
+
+    def _store_work(self, session: DeviceSession, d: Deferred) -> Deferred:
+        """Count ``d`` as pending store work of ``session``; past ``max_pending_writes`` the
+        device is not read from until half of it is done.
+
+        So a device that sends faster than the store writes waits in its own socket (and
+        its TCP window) instead of filling the gateway's memory and the store's queue,
+        where every other device's handshake and logs would wait behind it.
+        """
+        limits = session.limits
+        bound = self.max_pending_writes
+        if limits.write_started(bound):
+            self.metrics.limit_hit("pending_writes")
+            session.connection.pause_reading()
+
+        def finished(result: Any) -> Any:
+            if limits.write_finished(bound) and not session.ended:
+                session.connection.resume_reading()
+            return result
+
+        return d.addBoth(finished)
 
     def _ack_received(self, session: DeviceSession, frame: wire.Frame) -> None:
         """An ack is a receipt: it never answers a waiting snapshot request (only the image

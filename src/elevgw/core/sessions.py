@@ -22,6 +22,7 @@ from elevgw.util import clock_ms
 LAST_SEEN_EVERY = 60.0
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
 CLOSE_TIMEOUT = 4000
 CLOSE_TAKEN_OVER = 4001
 CLOSE_REVOKED = 4003
@@ -32,11 +33,26 @@ class Connection(Protocol):
 
     def close(self, code: int, reason: str) -> None: ...
 
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
 
 class DeviceSession:
-    """One device's live connection to this node. ``last_active`` is in clock seconds."""
+    """One device's live connection to this node. ``last_active`` is in clock seconds.
 
-    __slots__ = ("device_id", "session_id", "connection", "connected_at", "last_active", "ended")
+    ``limits`` (``elevgw.core.ratelimit.DeviceLimits``) is set by the gateway when it admits
+    the device."""
+
+    __slots__ = (
+        "device_id",
+        "session_id",
+        "connection",
+        "connected_at",
+        "last_active",
+        "ended",
+        "limits",
+    )
 
     def __init__(self, device_id: str, connection: Connection, now: float) -> None:
         self.device_id = device_id
@@ -45,6 +61,7 @@ class DeviceSession:
         self.connected_at = now
         self.last_active = now
         self.ended = False
+        self.limits: Any = None
 
     def send_frame(self, data: bytes) -> None:
         self.connection.send_frame(data)

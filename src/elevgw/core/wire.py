@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from elevgw.untrusted import MAX_JSON_DEPTH, echo, nesting_exceeds
 from elevgw.util import dumps_json
 
 HEARTBEAT = "heartbeat"
@@ -34,6 +35,7 @@ NOT_AN_IMAGE = "not_an_image"
 STORE_UNAVAILABLE = "store_unavailable"
 SNAPSHOT_FAILED = "snapshot_failed"
 INTERNAL_ERROR = "internal_error"
+RATE_LIMITED = "rate_limited"
 
 _MAX_ID_LENGTH = 128
 
@@ -58,6 +60,7 @@ class Frame:
 
 
 _PLAIN_HEARTBEAT = Frame(type=HEARTBEAT)
+_TOO_DEEP = f"frame nests arrays or objects deeper than {MAX_JSON_DEPTH} levels"
 _decode_json = json.JSONDecoder().decode
 
 
@@ -74,6 +77,8 @@ def parse_frame(data: bytes, device_id: str) -> Frame:
         raise FrameError(BAD_JSON, "frame is not valid UTF-8")
     except ValueError as e:
         raise FrameError(BAD_JSON, f"frame is not valid JSON: {e}")
+    except RecursionError:
+        raise FrameError(BAD_JSON, _TOO_DEEP)
     if not isinstance(value, dict):
         raise FrameError(NOT_AN_OBJECT, "frame must be a JSON object")
     frame_id = value.get("id")
@@ -85,8 +90,8 @@ def parse_frame(data: bytes, device_id: str) -> Frame:
     if frame_type.__class__ is not str or frame_type not in FRAME_TYPES:
         raise FrameError(
             UNKNOWN_TYPE,
-            "unknown frame type {!r}; expected one of {}".format(
-                frame_type, ", ".join(sorted(FRAME_TYPES))
+            "unknown frame type {}; expected one of {}".format(
+                echo(frame_type), ", ".join(sorted(FRAME_TYPES))
             ),
             frame_id,
         )
@@ -94,12 +99,14 @@ def parse_frame(data: bytes, device_id: str) -> Frame:
     if claimed is not None and claimed != device_id:
         raise FrameError(
             DEVICE_MISMATCH,
-            f"device_id {claimed!r} is not this session's device",
+            f"device_id {echo(claimed)} is not this session's device",
             frame_id,
         )
     payload = value.get("payload")
     if frame_type == HEARTBEAT and payload is None and frame_id is None:
         return _PLAIN_HEARTBEAT  # the frame of almost every message: no allocation
+    if payload.__class__ in (dict, list) and nesting_exceeds(data):
+        raise FrameError(BAD_JSON, _TOO_DEEP, frame_id)
     return Frame(type=frame_type, payload=payload, id=frame_id)
 
 

@@ -14,7 +14,12 @@ from collections.abc import Callable
 from werkzeug.exceptions import HTTPException
 
 from elevgw.core import wire
-from elevgw.core.commands import AnswerTimeout, DeviceOffline, DeviceWentOffline
+from elevgw.core.commands import (
+    AnswerTimeout,
+    DeviceNotReading,
+    DeviceOffline,
+    DeviceWentOffline,
+)
 from elevgw.snapshots.interfaces import SnapshotStoreError
 from elevgw.stores.interfaces import StoreUnavailable
 
@@ -65,6 +70,12 @@ register(
     lambda e: ApiError(503, "store_unavailable", "the device store is unavailable, retry later"),
 )
 register(DeviceOffline, lambda e: ApiError(404, "device_offline", f"device {e} is not connected"))
+register(
+    DeviceNotReading,
+    lambda e: ApiError(
+        503, "device_not_reading", f"device {e} does not read its socket; it was closed (1008)"
+    ),
+)
 register(
     AnswerTimeout, lambda e: ApiError(504, "device_timeout", "the device did not answer in time")
 )

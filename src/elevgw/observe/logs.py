@@ -17,16 +17,21 @@ from twisted.application.service import Service
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
+from elevgw.untrusted import LOG_FIELD_CHARS, loggable
 from elevgw.util import to_ms
 
 
 @implementer(ILogObserver)
 class GatewayLogFilter:
-    """Wraps one log observer: drops events below ``level`` and stamps ``node`` on the rest.
+    """Wraps one log observer: drops events below ``level``, stamps ``node`` on the rest and
+    makes their text fields ``loggable``.
 
     It covers every event, Twisted's and Autobahn's included, because it sits in front of the
     observer ``twistd`` chose rather than inside our own loggers. ``node`` names the node in
     every line (several nodes, or several workers of one host, may share a log stream).
+    Fields carry what devices and API clients sent (a ``device_id`` from a handshake, a
+    location): a newline in one would forge a log line, and a 7 MiB one would be a 7 MiB line,
+    so control characters are escaped and the length capped.
     """
 
     def __init__(self, observer: Any, level: LogLevel, node_id: str) -> None:
@@ -39,6 +44,13 @@ class GatewayLogFilter:
         if level is not None and level < self.level:
             return
         event.setdefault("node", self.node_id)
+        for name, value in event.items():
+            if (
+                value.__class__ is str
+                and (len(value) > LOG_FIELD_CHARS or not value.isprintable())
+                and not name.startswith("log_")
+            ):
+                event[name] = loggable(value)
         self.observer(event)
 
 

@@ -163,6 +163,20 @@ class Metrics:
             registry=registry,
         )
 
+        self.limit_hits = Counter(
+            "elevgw_limit_hits",
+            "Times a limit was reached, by limit: message_rate (warned), message_rate_close,"
+            " pending_writes (reading paused), outbound_buffer_close, handshake_timeout,"
+            " handshake_size, sessions (503), api_waiting (503), body_size (413),"
+            " url_length (414), json_depth.",
+            ["limit"],
+            registry=registry,
+        )
+
+    def limit_hit(self, limit: str) -> None:
+        """Count one hit of ``limit`` (rare by nature: no pre-bound child)."""
+        self.limit_hits.labels(limit).inc()
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_PLAIN_0_0_4

@@ -15,8 +15,11 @@ the end of it: a device that sends eight heartbeats in one segment gets its eigh
 one send, as Twisted's queue would have made them, instead of eight (without this a flood of
 pipelined heartbeats runs slower than the bare Autobahn server).
 
-This reads ``FileDescriptor``'s queue attributes (``_tempDataBuffer``, ``dataBuffer``,
-``offset``, ``_writeDisconnected``), unchanged since Twisted 8. ``tests/test_write_through.py``
+``queued_bytes`` measures that queue, so the protocol can close a device that lets it grow
+past ``--max-outbound-buffer``.
+
+This reads ``FileDescriptor``'s queue attributes (``_tempDataBuffer``, ``_tempDataLen``,
+``dataBuffer``, ``offset``, ``_writeDisconnected``), unchanged since Twisted 8. ``tests/test_write_through.py``
 fails if they ever change meaning.
 """
 
@@ -82,3 +85,13 @@ def _write(transport: Any, data: bytes) -> None:
         _queued_write(transport, data)
     elif sent < len(data):
         _queued_write(transport, data[sent:])
+
+
+def queued_bytes(transport: Any) -> int:
+    """Bytes written to ``transport`` and not yet taken by the kernel: Twisted's write queue
+    (``_tempDataLen`` plus the unsent rest of ``dataBuffer``). TLS transports queue their
+    encrypted bytes there too. 0 for transports without that queue."""
+    try:
+        return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+    except AttributeError:
+        return 0

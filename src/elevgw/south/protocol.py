@@ -3,6 +3,11 @@
 Handshake credentials come from the query (``?device_id=…&token=…``) or, for the token, an
 ``Authorization: Bearer`` header. Refusals are plain HTTP answers (401, 503) before any
 socket exists, so a device in a reconnect loop costs one store lookup and no more.
+
+What one connection may cost is bounded here, where the bytes are: the handshake's size and
+time (on the factory's reactor), and the bytes queued for a device that does not read
+(``check_outbound``). The message rate and pending store work are the gateway's
+(``Gateway.frame_allowed``), asked before any frame is handled.
 """
 
 from __future__ import annotations
@@ -21,6 +26,19 @@ from elevgw.south import fast_write, lean_frames
 from elevgw.south.refusals import WS_PATH, PlainRefusalsProtocol
 
 _OPEN = WebSocketServerProtocol.STATE_OPEN
+
+#: A handshake (request line and headers) larger than this is refused with 431: Autobahn
+#: buffers it whole, and 400 sockets sending an endless header line held 1.7 GB.
+MAX_HANDSHAKE_BYTES = 16 * 1024
+MAX_HANDSHAKE_LINES = 64
+
+#: Credentials longer than this are refused without a store lookup.
+MAX_CREDENTIAL_CHARS = 256
+
+#: Seconds a device refused with 503 (busy, full, store down) is asked to wait.
+RETRY_AFTER_SECONDS = 5
+
+_CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
 
 
 def _unformatted(value: Any, *args: Any, **kwargs: Any) -> str:
@@ -89,6 +107,9 @@ class DeviceProtocol(PlainRefusalsProtocol):
     #: Whether the factory offers the lean path; ``DeviceFactory`` sets both on its subclass.
     lean_frames_enabled = False
     lean_limit = lean_frames.MAX_LEAN_PAYLOAD
+    _handshake_timer: Any = None
+    _handshake_bytes = 0
+    _handshake_lines = 0
 
     def onConnect(self, request):
         handshake = self.factory.gateway.metrics.handshake
@@ -101,6 +122,9 @@ class DeviceProtocol(PlainRefusalsProtocol):
         if not device_id or not token:
             handshake["unauthorized"].inc()
             raise ConnectionDeny(401, "device_id and token are required")
+        if len(device_id) > MAX_CREDENTIAL_CHARS or len(token) > MAX_CREDENTIAL_CHARS:
+            handshake["unauthorized"].inc()
+            raise ConnectionDeny(401, "unknown device or invalid token")
         d = self.factory.gateway.authenticate(device_id, token)
 
         def admitted(device):
@@ -119,6 +143,7 @@ class DeviceProtocol(PlainRefusalsProtocol):
         return d.addCallbacks(admitted, refused)
 
     def onOpen(self):
+        self._stop_handshake_timer()
         if self.lean_frames_enabled and lean_frames.eligible(self):
             self._lean = True
         self.session = self.factory.gateway.connected(self._device_id, self)
@@ -141,13 +166,31 @@ class DeviceProtocol(PlainRefusalsProtocol):
                 self.factory.gateway.metrics.closes.labels(str(code or 1006)).inc()
             self.factory.gateway.disconnected(self.session)
 
+    def onPing(self, payload):
+        session = self.session
+        if session is not None and not self.factory.gateway.frame_allowed(
+            session, self.factory.reactor.seconds()
+        ):
+            return
+        super().onPing(payload)
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        if code == 503:
+            responseHeaders = [*(responseHeaders or ()), ("Retry-After", RETRY_AFTER_SECONDS)]
+        super().failHandshake(reason, code, responseHeaders)
+
     def connectionMade(self):
         super().connectionMade()
         self.factory.open_connections.add(self)
         if self.factory.fast_writes:
             fast_write.install(self.transport)
+        self._handshake_timer = self.factory.reactor.callLater(
+            self.factory.handshake_timeout, self._handshake_timed_out
+        )
 
     def dataReceived(self, data):
+        if self.state == _CONNECTING and not self._handshake_fits(data):
+            return
         # The answers to every frame in this read leave in one send (see fast_write).
         transport = self.transport
         held = fast_write.hold(transport)
@@ -164,17 +207,89 @@ class DeviceProtocol(PlainRefusalsProtocol):
         finally:
             if held is not None:
                 fast_write.release(transport, held)
+        self.check_outbound()
 
     def connectionLost(self, reason=None):  # type: ignore[override]
         self._lost = True
+        self._stop_handshake_timer()
         super().connectionLost(reason)
         self.factory.connection_gone(self)
+
+    # Limits of one connection.
+
+    def _handshake_fits(self, data: bytes) -> bool:
+        """Count what the handshake sent so far; past the limits, refuse it with 431."""
+        if self._handshake_bytes < 0:  # refused already
+            return False
+        self._handshake_bytes += len(data)
+        self._handshake_lines += data.count(b"\n")
+        if (
+            self._handshake_bytes <= MAX_HANDSHAKE_BYTES
+            and self._handshake_lines <= MAX_HANDSHAKE_LINES
+        ):
+            return True
+        self._handshake_bytes = -1
+        self.factory.gateway.metrics.limit_hit("handshake_size")
+        self.factory.gateway.metrics.handshake["refused"].inc()
+        self.data = b""
+        self.failHandshake(
+            "request header over {} bytes or {} lines".format(
+                MAX_HANDSHAKE_BYTES, MAX_HANDSHAKE_LINES
+            ),
+            431,
+        )
+        return False
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.state == _CONNECTING and self.transport is not None:
+            self.factory.gateway.metrics.limit_hit("handshake_timeout")
+            self.factory.gateway.metrics.handshake["refused"].inc()
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _stop_handshake_timer(self) -> None:
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def check_outbound(self) -> None:
+        """Close the device (1008) if more than ``--max-outbound-buffer`` bytes wait for it to
+        read them: a device that does not read must not hold the gateway's memory.
+
+        Called after every write that does not answer a read (``send_frame``) and once after
+        each read (whose answers, pongs included, leave together)."""
+        if fast_write.queued_bytes(self.transport) <= self.factory.max_outbound_buffer:
+            return
+        session = self.session
+        if session is not None:
+            self.factory.gateway.close_for_policy(
+                session,
+                "outbound_buffer",
+                "over {} bytes waiting to be read".format(self.factory.max_outbound_buffer),
+            )
+        # The device is not reading: the close frame cannot reach it either. Free the queue.
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # The Connection interface the session registry talks to.
 
     def send_frame(self, data: bytes) -> None:
-        if not (self._lean and lean_frames.send_text(self, data)):
+        if self._lean and lean_frames.send_text(self, data):
+            pass
+        elif self.state == _OPEN:
             self.sendMessage(data, isBinary=False)
+        else:
+            # Closing or gone (an answer to a store write that finished after the close):
+            # the device can no longer get it.
+            return
+        self.check_outbound()
 
     def close(self, code: int, reason: str) -> None:
         """Close with ``code``; ``elevgw_closes_total`` counts the code the gateway chose,
@@ -201,6 +316,8 @@ class DeviceFactory(WebSocketServerFactory):
         reactor: Any = None,
         fast_writes: bool = True,
         lean_path: bool = True,
+        max_outbound_buffer: int = 1024 * 1024,
+        handshake_timeout: float = 10.0,
     ) -> None:
         """``fast_writes``: frames leave at once when nothing is queued (``fast_write``);
         ``lean_path``: small text frames skip Autobahn's per-frame work (``lean_frames``)."""
@@ -209,6 +326,8 @@ class DeviceFactory(WebSocketServerFactory):
         skip_debug_formatting()
         self.gateway = gateway
         self.fast_writes = fast_writes
+        self.max_outbound_buffer = max_outbound_buffer
+        self.handshake_timeout = handshake_timeout
         self.open_connections: set[DeviceProtocol] = set()
         self._all_closed: list[Deferred] = []
         self.setProtocolOptions(
@@ -222,7 +341,9 @@ class DeviceFactory(WebSocketServerFactory):
             failByDrop=False,
             autoPingInterval=0,
             perMessageCompressionAccept=lambda offers: None,
-            openHandshakeTimeout=10,
+            # The handshake timeout runs on this factory's reactor (``handshake_timeout``);
+            # Autobahn's would run on the global one.
+            openHandshakeTimeout=0,
             closeHandshakeTimeout=5,
             # A request without Upgrade is refused (see refusals), not shown a status page.
             webStatus=False,
