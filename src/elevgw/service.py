@@ -32,6 +32,7 @@ from elevgw.listener import Listener
 from elevgw.north.api import APISite, DeviceAPI
 from elevgw.north.base import APIDeps
 from elevgw.observe.metrics import MeasuredStore, Metrics
+from elevgw.observe.store_health import StoreHealth, StoreProbe
 from elevgw.presence.local import LocalPresence
 from elevgw.snapshots.files import FileSnapshotStore
 from elevgw.snapshots.interfaces import ISnapshotStore
@@ -126,7 +127,8 @@ class GatewayService(MultiService):
         threadpool = ThreadPool(minthreads=1, maxthreads=4, name="elevgw-files")
         if store is None:
             store = make_store(settings, reactor)
-        self.store = MeasuredStore(store, self.metrics, reactor)
+        self.store_health = StoreHealth(store.name, reactor)
+        self.store = MeasuredStore(store, self.metrics, reactor, self.store_health)
         self.snapshots = snapshots or self._make_snapshot_store(settings.snapshots, threadpool)
         self.event_sink = event_sink or self._make_event_sink(settings)
         self.gateway = Gateway(
@@ -173,6 +175,7 @@ class GatewayService(MultiService):
         sweep = TimerService(settings.sweep_interval, self._run_sweep)
         sweep.clock = reactor
         sweep.setServiceParent(self)
+        StoreProbe(self.store, reactor).setServiceParent(self)
         self.api_listener = Listener(
             reactor, settings.api_endpoint, APISite(self.api, reactor), "--api-endpoint"
         )

@@ -220,9 +220,11 @@ class MeasuredStore:
     so the gateway holds one store object whichever implementation is behind it.
     """
 
-    def __init__(self, store: Any, metrics: Metrics, clock: Any) -> None:
+    def __init__(self, store: Any, metrics: Metrics, clock: Any, health: Any = None) -> None:
+        """``health`` (a ``StoreHealth``) hears whether each call succeeded."""
         self.wrapped = store
         self._clock = clock
+        self._health = health
         for operation in STORE_OPERATIONS:
             setattr(self, operation, self._measured(operation, metrics))
 
@@ -231,16 +233,21 @@ class MeasuredStore:
         seconds = metrics.store_seconds.labels(operation)
         errors = metrics.store_errors.labels(operation)
         clock = self._clock
+        health = self._health
 
         def measured(*args: Any, **kwargs: Any) -> Any:
             started = clock.seconds()
 
             def done(result: Any) -> Any:
                 seconds.observe(clock.seconds() - started)
+                if health is not None:
+                    health.answered()
                 return result
 
             def failed(failure: Any) -> Any:
                 errors.inc()
+                if health is not None:
+                    health.failed(failure)
                 return failure
 
             return call(*args, **kwargs).addCallbacks(done, failed)
