@@ -7,7 +7,8 @@ Scenarios (``MODE``), each printing one JSON line with its figures on stdout:
     ``--devices`` devices each keep ``--in-flight`` heartbeats outstanding (a pong releases the
     next one) for ``--duration`` seconds after ``--warmup``: round trips per second, RTT.
 ``capacity`` (alias ``idle``)
-    every device heartbeats every ``--interval`` seconds (jittered by ``--jitter``): pong RTT
+    every device heartbeats every ``--interval`` seconds at a phase of its own (``--schedule
+    fixed``, the default; ``jitter``: each period drawn anew, jittered by ``--jitter``): pong RTT
     percentiles and how many sessions were closed under the devices.
 ``storm``
     connect every device at ``--concurrency`` attempts in flight: handshakes per second,
@@ -353,6 +354,7 @@ class Device:
         "heartbeat",
         "done",
         "attempts",
+        "next_at",
     )
 
     def __init__(self, worker: Worker, device_id: str, token: str, role: str) -> None:
@@ -368,6 +370,7 @@ class Device:
         self.heartbeat: bytes = b""
         self.done = False
         self.attempts = 0
+        self.next_at = 0.0
 
     # events from the connection
 
@@ -489,8 +492,17 @@ class Device:
         else:
             self.send_heartbeat(now)
             interval = worker.args.interval
-        jitter = worker.args.jitter
-        delay = interval * worker.rng.uniform(1 - jitter, 1 + jitter)
+        if worker.args.schedule == "fixed":
+            # The device's own phase, start + k × interval: a late tick (the load
+            # generator was busy) does not move the next one, so delays never gather
+            # devices into bursts; a tick more than a period late is skipped.
+            self.next_at += interval
+            while self.next_at <= now:
+                self.next_at += interval
+            delay = self.next_at - now
+        else:
+            jitter = worker.args.jitter
+            delay = interval * worker.rng.uniform(1 - jitter, 1 + jitter)
         self.timer = worker.reactor.callLater(delay, self.tick)
 
 
@@ -828,6 +840,7 @@ class Worker:
             delay = self.rng.uniform(0, self.args.snapshot_interval)
         else:
             delay = self.rng.uniform(0, self.args.interval)
+        device.next_at = now + delay
         device.timer = self.reactor.callLater(delay, device.tick)
 
     # the measured window
@@ -1295,6 +1308,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         "in_flight",
         "interval",
         "jitter",
+        "schedule",
         "rate",
         "http_connections",
         "senders",
@@ -1420,6 +1434,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=2.0, help="flood: seconds not counted")
     parser.add_argument("--in-flight", type=int, default=8, help="flood: heartbeats per device")
     parser.add_argument("--interval", type=float, default=5.0, help="heartbeat period, s")
+    parser.add_argument(
+        "--schedule",
+        choices=("fixed", "jitter"),
+        default="fixed",
+        help="fixed: each device at its own phase + k × interval; jitter: each period drawn"
+        " from interval × (1 ± --jitter) after the last heartbeat",
+    )
     parser.add_argument("--jitter", type=float, default=0.1, help="± share of the period")
     parser.add_argument("--concurrency", type=int, default=500, help="connects in flight")
     parser.add_argument(
