@@ -101,14 +101,14 @@ async def test_started_store_answers_ping(store):
 
 @pytest_twisted.ensureDeferred
 async def test_added_device_reads_back_as_stored(store):
-    added = device(location="上海中心01号 B座", created=1700000000.123456)
+    added = device(location="上海中心01号 B座", created=1700000000.123)
     assert await within(store.add_device(added)) is None
     assert await within(store.get_device(added.device_id)) == added
 
 
 @pytest_twisted.ensureDeferred
 async def test_added_device_keeps_its_last_seen(store):
-    added = device(last_seen=1700000123.654321)
+    added = device(last_seen=1700000123.654)
     await within(store.add_device(added))
     assert await within(store.get_device(added.device_id)) == added
 
@@ -170,9 +170,9 @@ async def test_token_hash_of_unknown_device_is_refused_and_creates_nothing(store
 async def test_last_seen_only_moves_forward(store):
     added = device()
     await within(store.add_device(added))
-    await within(store.record_last_seen({added.device_id: 1700000100.123456}))
+    await within(store.record_last_seen({added.device_id: 1700000100.123}))
     await within(store.record_last_seen({added.device_id: 1700000050.0}))
-    assert (await within(store.get_device(added.device_id))).last_seen == 1700000100.123456
+    assert (await within(store.get_device(added.device_id))).last_seen == 1700000100.123
     await within(store.record_last_seen({added.device_id: 1700000200.5}))
     assert (await within(store.get_device(added.device_id))).last_seen == 1700000200.5
 
@@ -326,16 +326,36 @@ async def test_devices_follow_the_documented_key_layout(redis_store, redis_serve
     assert dict(zip(fields[::2], fields[1::2], strict=True)) == {
         "location": added.location,
         "token_hash": added.token_hash,
-        "created": "1700000000.25",
-        "last_seen": "1700000001.5",
+        "created": "1700000000250",
+        "last_seen": "1700000001500",
     }
     assert redis_server.command("ZRANGE", "elevgw:devices", 0, -1, "WITHSCORES") == [
         "dev_layout",
-        "1700000000.25",
+        "1700000000250",
     ]
     await within(redis_store.delete_device("dev_layout"))
     assert redis_server.command("EXISTS", "elevgw:device:dev_layout") == 0
     assert redis_server.command("ZCARD", "elevgw:devices") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_times_written_in_seconds_by_earlier_versions_still_read(redis_store, redis_server):
+    """Before 0.1.0 ``created`` and ``last_seen`` were epoch seconds (``repr(float)``)."""
+    redis_server.command(
+        "HSET", "elevgw:device:dev_old", "location", "L", "token_hash", "h",
+        "created", "1700000000.25", "last_seen", "1700000001.5",
+    )  # fmt: skip
+    redis_server.command("ZADD", "elevgw:devices", "1700000000.25", "dev_old")
+    await within(redis_store.add_device(device("dev_new", created=1700000002.0)))
+    old = await within(redis_store.get_device("dev_old"))
+    assert (old.created, old.last_seen) == (1700000000.25, 1700000001.5)
+    # Old devices (seconds) still list before newer ones (milliseconds).
+    listed = await within(redis_store.list_devices())
+    assert [d.device_id for d in listed] == ["dev_old", "dev_new"]
+    # The next record writes milliseconds, although the number is smaller than it looks.
+    await within(redis_store.record_last_seen({"dev_old": 1700000003.0}))
+    assert redis_server.command("HGET", "elevgw:device:dev_old", "last_seen") == "1700000003000"
+    assert (await within(redis_store.get_device("dev_old"))).last_seen == 1700000003.0
 
 
 @pytest_twisted.ensureDeferred

@@ -4,8 +4,9 @@ The key layout is a public interface (the backend may read the log streams direc
 described in ``docs/redis.rst`` and must not change without a migration note:
 
 - ``{prefix}device:{id}``: hash with ``location``, ``token_hash``, ``created`` and, once the
-  device has been seen, ``last_seen`` (epoch seconds as decimal text);
-- ``{prefix}devices``: sorted set of device ids scored by ``created``;
+  device has been seen, ``last_seen`` (epoch milliseconds as whole-number text; epoch seconds
+  with a decimal point in data written before 0.1.0, still read);
+- ``{prefix}devices``: sorted set of device ids scored by ``created`` (the same unit);
 - ``{prefix}log:{id}``: stream of the device's logs, fields ``ts`` (epoch milliseconds) and
   ``payload`` (JSON text), entry ids ``<ts>-<n>``, capped with ``MAXLEN ~ log_maxlen``.
 
@@ -94,7 +95,8 @@ _SET_TOKEN_HASH = _Script(
 )
 
 # The time is written as the caller's text, not through Lua's tostring, which keeps only 14
-# significant digits.
+# significant digits. A ``last_seen`` still in seconds (written before 0.1.0) is always below a
+# time in milliseconds, so the first record after an upgrade replaces it.
 _RECORD_LAST_SEEN = _Script(
     """
     for i, key in ipairs(KEYS) do
@@ -135,9 +137,22 @@ _APPEND_LOG = _Script(
 )
 
 
-def _number_text(value: float) -> str:
-    """Exact decimal text of a time (``repr`` round-trips; txredisapi would keep 6 decimals)."""
-    return repr(float(value))
+def _ms_text(seconds: float) -> str:
+    """A time as Redis holds it: epoch milliseconds, whole-number text, as every time a
+    user sees is (``ts`` of the log streams, the API's fields)."""
+    return str(round(seconds * 1000))
+
+
+def _seconds(text: str) -> float:
+    """A stored time as the epoch seconds of ``Device``.
+
+    Earlier versions wrote epoch seconds as ``repr(float)``, which always has a ``.`` or an
+    exponent; milliseconds are whole numbers. So both read back right, and a device's
+    ``last_seen`` turns into milliseconds the next time the gateway records it.
+    """
+    if "." in text or "e" in text or "E" in text:
+        return float(text)
+    return int(text) / 1000
 
 
 def _pairs(flat: Sequence[Any]) -> dict:
@@ -150,8 +165,8 @@ def _device(device_id: str, location, token_hash, created, last_seen) -> Device:
         device_id=device_id,
         location=location,
         token_hash=token_hash,
-        created=float(created),
-        last_seen=float(last_seen) if last_seen else None,
+        created=_seconds(created),
+        last_seen=_seconds(last_seen) if last_seen else None,
     )
 
 
@@ -353,8 +368,8 @@ class RedisStore:
                 device.device_id,
                 device.location,
                 device.token_hash,
-                _number_text(device.created),
-                "" if device.last_seen is None else _number_text(device.last_seen),
+                _ms_text(device.created),
+                "" if device.last_seen is None else _ms_text(device.last_seen),
             ],
         )
         return d.addCallback(added)
@@ -395,7 +410,7 @@ class RedisStore:
         if not seen:
             return succeed(None)
         keys = [self.device_key(device_id) for device_id in seen]
-        times = [_number_text(when) for when in seen.values()]
+        times = [_ms_text(when) for when in seen.values()]
         return self._script(_RECORD_LAST_SEEN, keys, times).addCallback(lambda _: None)
 
     def append_log(self, device_id: str, entry: LogEntry) -> Deferred:
