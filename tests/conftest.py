@@ -11,6 +11,9 @@ from twisted.internet import reactor
 from elevgw.config import Settings
 from elevgw.service import GatewayService
 
+#: A real redis-server for the whole session (``redis_server``, ``redis_url``).
+pytest_plugins = ["redis_support"]
+
 
 class RunningGateway:
     """A started ``GatewayService`` plus helpers to call its API over real HTTP."""

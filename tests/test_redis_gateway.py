@@ -32,8 +32,6 @@ from images import tiny_png
 from waiting import eventually, within
 from wsclient import connect_device
 
-pytest_plugins = ["redis_support"]
-
 #: The gateways' ``store_timeout`` (seconds): how long a handshake may wait on a silent Redis.
 STORE_TIMEOUT = 0.5
 

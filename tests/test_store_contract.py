@@ -30,9 +30,6 @@ from elevgw.stores.redis_url import RedisAddress, parse_redis_url
 from elevgw.stores.sqlite import SQLiteStore
 from waiting import within
 
-# The lead's conftest will import these fixtures for every module; until then this one asks.
-pytest_plugins = ["redis_support"]
-
 #: Deadline a test gives any single store call: a store that hangs fails the test instead.
 CALL_DEADLINE = 10.0
 

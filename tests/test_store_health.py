@@ -13,8 +13,6 @@ from elevgw.observe.store_health import PROBE_INTERVAL, REMIND_EVERY, StoreHealt
 from elevgw.testing import MemoryDeviceStore
 from waiting import eventually, within
 
-pytest_plugins = ["redis_support"]
-
 
 def watched_store(clock: Clock) -> tuple[MemoryDeviceStore, MeasuredStore, StoreHealth]:
     memory = MemoryDeviceStore()

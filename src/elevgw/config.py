@@ -52,6 +52,10 @@ class Settings:
     #: ``None``: CPython's own thresholds (see ``elevgw.observe.gc_tuning``).
     gc_thresholds: tuple[int, ...] | None = (50_000, 20, 100)
     fast_writes: bool = True
+    #: Listen with ``SO_REUSEPORT`` (each ``--workers`` worker).
+    reuse_port: bool = False
+    #: A worker's own API listener, beside the shared one (``--worker-api-port``).
+    worker_api_endpoint: str | None = None
     lean_frames: bool = True
 
     def oss_options(self) -> dict:

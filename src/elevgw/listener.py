@@ -9,6 +9,7 @@ start instead of running deaf, and the bound port is available (``port``) for te
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any
 
 from twisted.application.service import Service
@@ -33,9 +34,19 @@ def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
 
 
 class Listener(Service):
-    def __init__(self, reactor: Any, description: str, factory: Any, option: str = "") -> None:
-        """``option`` names where ``description`` came from (``--ws-endpoint``) in errors."""
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: Any,
+        option: str = "",
+        reuse_port: bool = False,
+    ) -> None:
+        """``option`` names where ``description`` came from (``--ws-endpoint``) in errors;
+        ``reuse_port`` shares a ``tcp:``/``ssl:`` port with other processes
+        (``listen_reusing_port``)."""
         self._reactor = reactor
+        self.reuse_port = reuse_port
         self.description = description
         self.option = option
         self.factory = factory
@@ -52,6 +63,13 @@ class Listener(Service):
             self._listen()
 
     def _listen(self) -> None:
+        if self.reuse_port:
+            try:
+                self._bound(listen_reusing_port(self._reactor, self.description, self.factory))
+            except CannotListenError as e:
+                raise StartupError(self._why(e))
+            self._listening = succeed(self.port)
+            return
         endpoint = endpoints.serverFromString(self._reactor, with_backlog(self.description))
         failures: list = []
         self._listening = endpoint.listen(self.factory)
@@ -97,3 +115,38 @@ class Listener(Service):
     def address(self) -> Any:
         """The bound address (``IAddress``), or ``None`` before binding."""
         return None if self.port is None else self.port.getHost()
+
+
+def listen_reusing_port(reactor: Any, description: str, factory: Any) -> Any:
+    """Listen on a ``tcp:`` or ``ssl:`` endpoint with ``SO_REUSEPORT``: several processes
+    bind the same port, each with its own accept queue, and the kernel spreads new
+    connections over them (``--workers``).
+
+    The socket is made here and handed to ``reactor.adoptStreamPort``, which every supported
+    Twisted has, rather than through ``tcp.makeBinding(reusePort=True)``, which only recent
+    ones have. The endpoint string is parsed by Twisted itself (``serverFromString``); its
+    ``_port``, ``_interface``, ``_backlog`` and, for TLS, ``_sslContextFactory`` are read
+    (``tests/test_workers.py`` pins them).
+    """
+    endpoint = endpoints.serverFromString(reactor, with_backlog(description))
+    if not isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint)):
+        raise CannotListenError(None, None, ValueError("only tcp: and ssl: ports can be shared"))
+    port_number, interface, backlog = endpoint._port, endpoint._interface, endpoint._backlog
+    context = getattr(endpoint, "_sslContextFactory", None)
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port_number))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        if context is not None:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            factory = TLSMemoryBIOFactory(context, False, factory)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    except OSError as e:
+        raise CannotListenError(interface, port_number, e)
+    finally:
+        sock.close()

@@ -176,13 +176,22 @@ class GatewayService(MultiService):
         sweep.clock = reactor
         sweep.setServiceParent(self)
         StoreProbe(self.store, reactor).setServiceParent(self)
+        site = APISite(self.api, reactor)
         self.api_listener = Listener(
-            reactor, settings.api_endpoint, APISite(self.api, reactor), "--api-endpoint"
+            reactor, settings.api_endpoint, site, "--api-endpoint", settings.reuse_port
         )
         self.ws_listener = Listener(
-            reactor, settings.ws_endpoint, self.device_factory, "--ws-endpoint"
+            reactor,
+            settings.ws_endpoint,
+            self.device_factory,
+            "--ws-endpoint",
+            settings.reuse_port,
         )
         self.api_listener.setServiceParent(self)
+        if settings.worker_api_endpoint:
+            Listener(
+                reactor, settings.worker_api_endpoint, site, "--worker-api-port"
+            ).setServiceParent(self)
         self.ws_listener.setServiceParent(self)
 
     def _add_resource(self, resource: Any) -> None:

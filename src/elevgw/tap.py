@@ -75,6 +75,34 @@ def _gc_thresholds(value: str) -> tuple[int, ...] | None:
 _gc_thresholds.coerceDoc = "python, or thresholds such as 50000,20,100."  # type: ignore[attr-defined]
 
 
+def _workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"not 'auto' or a whole number of 1 or more: {value!r}")
+    return count
+
+
+_workers.coerceDoc = "auto, or a whole number of 1 or more."  # type: ignore[attr-defined]
+
+
+def _port_number(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise ValueError(f"not a port number between 1 and 65535: {value!r}")
+    return port
+
+
+_port_number.coerceDoc = "A port number."  # type: ignore[attr-defined]
+
+
 def _log_level(value: str) -> LogLevel:
     try:
         return LogLevel.levelWithName(value.strip().lower())
@@ -280,6 +308,28 @@ class Options(usage.Options):
             " Autobahn's per-frame machinery (off: Autobahn handles every frame).",
             _switch,
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Worker processes sharing the ports (auto: one per core); more than 1 needs Redis.",
+            _workers,
+        ],
+        [
+            "worker-api-port",
+            None,
+            None,
+            "With --workers: worker I also serves the API (and /metrics) on this port + I"
+            " (default: the API port + 1 + I), on the API's interface.",
+            _port_number,
+        ],
+        [
+            "worker-index",
+            None,
+            None,
+            "Set by the --workers parent on each worker; not for use by hand.",
+            _count,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -302,6 +352,8 @@ class Options(usage.Options):
         tests, by other programs) it raises ``usage.UsageError``.
         """
         args = list(options) if options is not None else []
+        #: The command line as given: a ``--workers`` parent hands it on to its workers.
+        self.command_line = args
         try:
             self._apply_environment(skip=self._command_line_names(args))
             super().parseOptions(args)
@@ -366,6 +418,8 @@ class Options(usage.Options):
             self["lean-frames"] = _switch(self["lean-frames"])
         if self["node-id"] is None:
             self["node-id"] = default_node_id()
+        elif self["worker-index"] is not None:
+            self["node-id"] = "{}-{}".format(self["node-id"], self["worker-index"])
         for name in ("public-url", "backend-url"):
             url = self[name]
             if url is not None:
@@ -377,6 +431,11 @@ class Options(usage.Options):
         for name in ("ws-endpoint", "api-endpoint"):
             self._check_endpoint(name)
         self._check_stores()
+        if self["workers"] > 1 and self["store"].startswith("sqlite:"):
+            raise usage.UsageError(
+                "{} {}: SQLite is single-node; several workers need a shared store, e.g. "
+                "--store redis://127.0.0.1:6379/0".format(self.source("workers"), self["workers"])
+            )
         if not is_loopback_endpoint(self["api-endpoint"]) and not self["api-key"]:
             raise usage.UsageError(
                 "the API on {!r} is reachable from other hosts: set ELEVGW_API_KEY (or --api-key), "
@@ -485,7 +544,24 @@ class Options(usage.Options):
             gc_thresholds=self["gc-thresholds"],
             fast_writes=self["fast-writes"],
             lean_frames=self["lean-frames"],
+            reuse_port=self["worker-index"] is not None,
+            worker_api_endpoint=self._worker_api_endpoint(),
         )
+
+    def _worker_api_endpoint(self) -> str | None:
+        """Where worker I serves the API on a port of its own (for scraping its metrics)."""
+        index = self["worker-index"]
+        if index is None:
+            return None
+        endpoint = endpoints.serverFromString(None, self["api-endpoint"])
+        base = self["worker-api-port"]
+        if base is None:
+            port = getattr(endpoint, "_port", 0)
+            if not port:
+                return None
+            base = port + 1
+        interface = getattr(endpoint, "_interface", "") or "0.0.0.0"
+        return "tcp:{}:interface={}".format(base + index, interface.replace(":", "\\:"))
 
 
 class _NamedParameter(usage.CoerceParameter):
@@ -522,12 +598,23 @@ def makeService(options: Options) -> MultiService:
 
     settings = options.settings()
     one_line_errors()
+    root = MultiService()
+    LogFilterService(options["log-level"], settings.node_id).setServiceParent(root)
+    if options["workers"] > 1 and options["worker-index"] is None:
+        from elevgw.workers import WorkerSupervisor
+
+        WorkerSupervisor(
+            options["workers"], options.command_line, reactor, settings.drain_timeout
+        ).setServiceParent(root)
+        return root
     try:
         gateway = GatewayService(settings, reactor)
     except ConfigError as e:
         exit_with(str(e))
-    root = MultiService()
-    LogFilterService(options["log-level"], settings.node_id).setServiceParent(root)
+    if options["worker-index"] is not None:
+        from elevgw.workers import ParentWatch
+
+        ParentWatch(reactor).setServiceParent(root)
     GCTuningService(settings.gc_thresholds, gateway.metrics.gc_pauses).setServiceParent(root)
     gateway.setName("gateway")
     gateway.setServiceParent(root)

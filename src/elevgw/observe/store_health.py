@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from elevgw.stores.interfaces import StoreUnavailable
+from elevgw.timing import PeriodicService
 
 #: Seconds between two pings of the store by ``StoreProbe``.
 PROBE_INTERVAL = 5.0
@@ -88,26 +87,15 @@ class StoreHealth:
             )
 
 
-class StoreProbe(Service):
+class StoreProbe(PeriodicService):
     """Pings the store every ``interval`` seconds, the first time one interval after start
     (a store may still be connecting then). The outcome reaches ``StoreHealth`` through the
     measured store, so a failed ping needs no handling here."""
 
     def __init__(self, store: Any, clock: Any, interval: float = PROBE_INTERVAL) -> None:
+        super().__init__(interval, self._ping, clock)
         self._store = store
-        self._interval = interval
-        self._loop = LoopingCall(self._ping)
-        self._loop.clock = clock
 
     def _ping(self) -> Any:
         # A failure here would stop the LoopingCall for good.
         return self._store.ping().addErrback(lambda _: None)
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self._interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()

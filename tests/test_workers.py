@@ -1,0 +1,183 @@
+"""``--workers``: ports shared through SO_REUSEPORT, a supervising parent, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import endpoints, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+
+from elevgw.listener import Listener
+from elevgw.workers import worker_arguments
+from redis_support import free_port
+from wsclient import connect_device
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+SOURCE = os.pathsep.join(
+    [os.path.join(os.path.dirname(__file__), "..", "src"), os.path.dirname(__file__) + "/.."]
+)
+
+
+def test_worker_arguments_drop_workers_and_add_the_index():
+    args = ["--workers", "2", "--store=redis://r/0", "--workers=3", "--node-id", "gw"]
+    assert worker_arguments(args, 1) == [
+        "--store=redis://r/0",
+        "--node-id",
+        "gw",
+        "--worker-index=1",
+    ]
+
+
+def test_the_shared_listener_reads_what_twisted_parsed():
+    """``listen_reusing_port`` reads these private attributes of Twisted's endpoints."""
+    endpoint = endpoints.serverFromString(reactor, "tcp:8080:interface=127.0.0.1:backlog=7")
+    assert (endpoint._port, endpoint._interface, endpoint._backlog) == (8080, "127.0.0.1", 7)
+
+
+class _Counting(Protocol):
+    def connectionMade(self):
+        self.factory.connections += 1
+        self.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_listeners_share_one_port_and_both_take_connections():
+    port = free_port()
+    factories = []
+    listeners = []
+    for _ in range(2):
+        factory = Factory.forProtocol(_Counting)
+        factory.connections = 0
+        factories.append(factory)
+        listener = Listener(reactor, f"tcp:{port}:interface=127.0.0.1", factory, reuse_port=True)
+        listener.startService()
+        listeners.append(listener)
+    try:
+        client = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        for _ in range(40):
+            protocol = await client.connect(Factory.forProtocol(Protocol))
+            protocol.transport.loseConnection()
+        await deferLater(reactor, 0.2, lambda: None)
+    finally:
+        for listener in listeners:
+            await listener.stopService()
+    counts = [f.connections for f in factories]
+    assert sum(counts) == 40 and min(counts) > 0, counts
+
+
+def run_twistd(tmp_path, *args, env=None):
+    return subprocess.Popen(
+        [*TWISTD, "-n", "--pidfile=", "elevgw", *args],
+        cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=SOURCE, **(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_several_workers_on_sqlite_are_refused_with_one_line(tmp_path):
+    process = run_twistd(tmp_path, "--workers", "2")
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == 1
+    lines = out.decode().strip().splitlines()
+    assert len(lines) == 1 and "SQLite is single-node" in lines[0], lines
+
+
+def health(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+            return json.loads(answer.read())
+    except OSError:
+        return None
+
+
+async def until(check, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        await deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError("timed out")
+
+
+def free_port_pair() -> list[int]:
+    """Two consecutive free ports (worker I serves on the base + I)."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + 1))
+        except OSError:
+            continue
+        return [base, base + 1]
+    raise AssertionError("no two consecutive free ports")
+
+
+@pytest.fixture
+def workers(tmp_path, redis_url):
+    ws_port, api_port = free_port(), free_port()
+    worker_ports = free_port_pair()
+    process = run_twistd(
+        tmp_path,
+        "--workers=2",
+        f"--store={redis_url}",
+        f"--ws-endpoint=tcp:{ws_port}:interface=127.0.0.1",
+        f"--api-endpoint=tcp:{api_port}:interface=127.0.0.1",
+        f"--worker-api-port={worker_ports[0]}",
+        "--drain-timeout=3",
+    )
+    yield process, ws_port, api_port, worker_ports
+    if process.poll() is None:
+        process.kill()
+        out, _ = process.communicate()
+        print(out.decode()[-3000:])
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_take_connections_restart_when_killed_and_drain_on_sigterm(workers):
+    process, ws_port, api_port, worker_ports = workers
+    first = await until(
+        lambda: all(health(p) for p in worker_ports) and [health(p) for p in worker_ports]
+    )
+    pids = [int(h["node_id"].rsplit("-", 1)[1]) for h in first]
+    assert len(set(pids)) == 2
+
+    devices = []
+    for _ in range(24):
+        response = await treq.post(
+            f"http://127.0.0.1:{api_port}/api/v1/devices/register",
+            json={"location": "lobby"},
+            reactor=reactor,
+        )
+        creds = await response.json()
+        devices.append(await connect_device(ws_port, creds["device_id"], creds["token"]))
+    sessions = [health(p)["sessions"] for p in worker_ports]
+    assert sum(sessions) == 24 and min(sessions) > 0, sessions  # the kernel spread them
+
+    os.kill(pids[0], signal.SIGKILL)
+    restarted = await until(
+        lambda: (h := health(worker_ports[0])) and h["node_id"] != first[0]["node_id"] and h
+    )
+    assert restarted["sessions"] == 0
+
+    process.send_signal(signal.SIGTERM)
+    await until(lambda: process.poll() is not None, timeout=20)
+    out = process.stdout.read().decode()
+    survivors = [d for d in devices if d.close_code != 1006]
+    assert survivors and all(d.close_code == 1001 for d in survivors), [
+        d.close_code for d in devices
+    ]
+    assert "worker 0 (pid" in out and "restarting it in" in out
+    assert out.count("Server Shut Down.") >= 3  # each worker's, relayed, and the parent's
