@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest_twisted
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent
@@ -14,6 +14,7 @@ from elevgw.core.gateway import Gateway
 from elevgw.events import model as events
 from elevgw.observe import logs
 from elevgw.south.protocol import MAX_HANDSHAKE_BYTES, DeviceFactory
+from rawclient import metric, raw_connect
 from wsclient import connect_device
 
 
@@ -25,50 +26,12 @@ class DeviceTransport(StringTransport):
         self.producer = None
 
 
-class RawClient(protocol.Protocol):
-    """A TCP client that sends what it is told and keeps what it gets."""
-
-    def __init__(self):
-        self.received = b""
-        self.lost = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.lost.callback(self.received)
-
-
-async def raw_connect(port) -> RawClient:
-    client = RawClient()
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    await endpoints.connectProtocol(endpoint, client)
-    return client
-
-
 def handshake(query: str, extra: str = "") -> bytes:
     return (
         f"GET /ws?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
     ).encode()
-
-
-async def metric(gateway, name, **labels) -> float:
-    status, _ = await gateway.call("GET", "/healthz")
-    text = (await _metrics_text(gateway)).splitlines()
-    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}")
-    for line in text:
-        if line.startswith(wanted + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-async def _metrics_text(gateway) -> str:
-    import treq
-
-    response = await treq.get(gateway.base + "/metrics", reactor=reactor, timeout=10)
-    return (await response.content()).decode()
 
 
 def sleep(seconds):

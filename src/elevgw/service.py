@@ -165,6 +165,8 @@ class GatewayService(MultiService):
                 node_id=settings.node_id,
                 health=self.health,
                 api_key=settings.api_key,
+                max_body=settings.max_body_size,
+                max_waiting_calls=settings.max_waiting_calls,
             )
         )
 

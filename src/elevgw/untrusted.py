@@ -14,6 +14,7 @@ Pure functions on the reactor thread: each is linear in its input, with C-speed 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -50,6 +51,16 @@ def nesting_exceeds(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
         if not brackets:
             return False
     return True
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string (or key) with a lone surrogate, which
+    JSON's ``\\ud800`` escapes allow and UTF-8 cannot encode."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _JSON_TYPES = {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
 from elevgw.north.base import APIDeps
 from elevgw.north.commands import CommandRoutes
 from elevgw.north.devices import DeviceRoutes
+from elevgw.north.limits import APIChannel, LimitedRequest, WaitingCalls
 
 
 class DeviceAPI(DeviceRoutes, CommandRoutes):
@@ -47,15 +48,29 @@ class APIResource(Resource):
         self._api = api
         self._klein = api.app.resource()
         self._direct = {(b"POST", b"/api/send"): DeviceAPI.send}
+        self.waiting = WaitingCalls(
+            api.max_waiting_calls, lambda: api.metrics.limit_hit("api_waiting")
+        )
 
     def render(self, request):
         handler = self._direct.get((request.method, request.path))
         if handler is not None:
             return self._api.answer_now(handler, request)
+        if request.path not in _MONITORING and not self.waiting.admit(request):
+            request.setHeader(b"Retry-After", b"1")
+            return self._api._json(
+                request,
+                {"error": "busy", "detail": "too many API calls waiting, retry later"},
+                503,
+            )
         return self._klein.render(request)
 
 
-class APIRequest(Request):
+#: Answered at once and needed most when the node is busy: never refused as busy.
+_MONITORING = frozenset((b"/healthz", b"/readyz", b"/metrics"))
+
+
+class APIRequest(LimitedRequest):
     """A request that remembers when it arrived, for the latency metric."""
 
     started = 0.0
@@ -70,6 +85,7 @@ class APISite(Site):
     per request (at hundreds of commands a second that log would cost more than the call)."""
 
     requestFactory = APIRequest
+    protocol = APIChannel  # type: ignore[assignment]
     displayTracebacks = False
     noisy = False
 
@@ -78,7 +94,9 @@ class APISite(Site):
         # POST with the email package.
         super().__init__(api.resource(), parsePOSTFormSubmission=False)
         self.clock = clock
+        self.max_body = api.max_body
         metrics = api.metrics
+        self.limit_hit = metrics.limit_hit
         self._requests = metrics.api_requests
         self._seconds = metrics.api_seconds
         self._counters: dict[tuple[bytes, int], Any] = {}

@@ -26,9 +26,13 @@ from elevgw.observe.metrics import Metrics
 from elevgw.presence.interfaces import IPresence
 from elevgw.snapshots.interfaces import ISnapshotStore
 from elevgw.stores.interfaces import IDeviceStore
+from elevgw.untrusted import MAX_JSON_DEPTH, has_lone_surrogate, nesting_exceeds
 from elevgw.util import dumps_json
 
 MAX_BODY = 64 * 1024
+
+#: The largest whole number a query argument may be: what the stores hold (64-bit signed).
+MAX_INT_ARG = 2**63 - 1
 
 #: The route table every topic module adds to.
 app = Klein()
@@ -46,6 +50,8 @@ class APIDeps:
     node_id: str
     health: Callable[[], Awaitable[dict]]
     api_key: str | None = None
+    max_body: int = MAX_BODY
+    max_waiting_calls: int = 1000
 
 
 class APIBase:
@@ -61,6 +67,8 @@ class APIBase:
         self.node_id = deps.node_id
         self.health = deps.health
         self._api_key = deps.api_key.encode("utf-8") if deps.api_key else None
+        self.max_body = deps.max_body
+        self.max_waiting_calls = deps.max_waiting_calls
         self.draining = False
 
     def answer_now(self, handler: Callable, request: Any) -> Any:
@@ -121,20 +129,34 @@ class APIBase:
             )
 
     def _body(self, request: Any) -> dict:
+        """The request body as a JSON object; 413 over ``max_body`` bytes, 400 ``bad_json`` for
+        anything else than an object, nested deeper than ``MAX_JSON_DEPTH``, or holding a lone
+        surrogate (``"\\ud800"``: no UTF-8 encoding, so no store could keep it)."""
+        max_body = self.max_body
         length = request.getHeader(b"content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY:
-            raise ApiError(413, "body_too_large", f"request body over {MAX_BODY} bytes")
-        raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, "body_too_large", f"request body over {MAX_BODY} bytes")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            raise ApiError(413, "body_too_large", f"request body over {max_body} bytes")
+        raw = request.content.read(max_body + 1) if request.content is not None else b""
+        if len(raw) > max_body:
+            raise ApiError(413, "body_too_large", f"request body over {max_body} bytes")
         if not raw.strip():
             raise ApiError(400, "bad_json", "request body must be a JSON object")
         try:
             body = json.loads(raw)
         except ValueError:
             raise ApiError(400, "bad_json", "request body is not valid JSON")
+        except RecursionError:
+            body = None
+        if body is None or nesting_exceeds(raw):
+            raise ApiError(
+                400, "bad_json", f"request body nests deeper than {MAX_JSON_DEPTH} levels"
+            )
         if not isinstance(body, dict):
             raise ApiError(400, "bad_json", "request body must be a JSON object")
+        if b"\\u" in raw and has_lone_surrogate(body):
+            raise ApiError(
+                400, "bad_json", "request body holds a lone surrogate (\\ud800-\\udfff)"
+            )
         return body
 
 
@@ -148,7 +170,9 @@ def int_arg(request: Any, name: bytes, default: Any, low: int, high: int | None)
         value = int(values[0])
     except ValueError:
         raise ApiError(400, "bad_" + text, f"{text} must be an integer")
-    if value < low or (high is not None and value > high):
+    if high is None:
+        high = MAX_INT_ARG
+    if value < low or value > high:
         raise ApiError(
             400,
             "bad_" + text,

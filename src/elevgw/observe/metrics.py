@@ -167,7 +167,7 @@ class Metrics:
             "elevgw_limit_hits",
             "Times a limit was reached, by limit: message_rate (warned), message_rate_close,"
             " pending_writes (reading paused), outbound_buffer_close, handshake_timeout,"
-            " handshake_size, sessions (503), api_waiting (503), body_size (413),"
+            " handshake_size, sessions (503), api_waiting (503), body_size (413), header_size (431),"
             " url_length (414), json_depth.",
             ["limit"],
             registry=registry,

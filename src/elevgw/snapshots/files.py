@@ -60,7 +60,9 @@ class FileSnapshotStore:
             size=len(data),
             taken_at=taken_at_ms,
         )
-        d = deferToThreadPool(self._reactor, self._threadpool, _write_atomically, path, data)
+        d = deferToThreadPool(
+            self._reactor, self._threadpool, _write_atomically, path, data, self._root
+        )
         d.addCallbacks(lambda _: stored, _as_store_error)
         return d
 
@@ -82,25 +84,46 @@ class FileSnapshotStore:
         extension = key.rsplit(".", 1)[-1]
         if path is None or extension not in IMAGE_TYPES:
             return succeed(None)
-        d = deferToThreadPool(self._reactor, self._threadpool, _read_or_none, path)
+        d = deferToThreadPool(self._reactor, self._threadpool, _read_or_none, path, self._root)
         d.addCallback(lambda data: None if data is None else (data, IMAGE_TYPES[extension]))
         return d
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` resolves (symbolic links followed) to a place inside ``root``.
+
+    ``path_for`` keeps a key's own text inside the folder; this keeps a symbolic link placed
+    under it (by whoever can write there) from serving or overwriting a file elsewhere. It
+    touches the file system, so it runs on the thread pool with the read or write."""
+    return os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+
+
+def _write_atomically(path: str, data: bytes, root: str) -> None:
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    if not _inside(folder, root) or os.path.islink(path):
+        raise OSError(f"{path} resolves outside the snapshot folder")
     partial = path + ".part"
     with open(partial, "wb") as f:
         f.write(data)
     os.replace(partial, path)
 
 
-def _read_or_none(path: str) -> bytes | None:
+def _read_or_none(path: str, root: str) -> bytes | None:
+    if not _inside(path, root):
+        return None
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        # O_NOFOLLOW: a link put in place after the check is refused too.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    except OSError:  # ELOOP: the file itself is a symbolic link
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return f.read()
+        except IsADirectoryError:
+            return None
 
 
 def _as_store_error(failure):
