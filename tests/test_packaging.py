@@ -60,3 +60,25 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
         [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_every_file_under_src_ships_in_the_package(monkeypatch):
+    """A new subpackage (or a console's static file) missing from setup.cfg would be left
+    out of ``pip install .``: the gateway would then fail on a clean machine only."""
+    from setuptools.dist import Distribution
+
+    monkeypatch.chdir(ROOT)
+    distribution = Distribution({"script_name": "setup.py"})
+    distribution.parse_config_files(["setup.cfg"])
+    build_py = distribution.get_command_obj("build_py")
+    build_py.ensure_finalized()
+    shipped = {module[-1] for module in build_py.find_all_modules()}
+    for _, source, _, names in build_py.data_files:
+        shipped.update(f"{source}/{name}" for name in names)
+    present = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "src" / "elevgw").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+    assert present - shipped == set()
+    assert "twisted/plugins/elevgw_plugin.py" in shipped
