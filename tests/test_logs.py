@@ -13,6 +13,7 @@ import time
 import pytest
 from twisted.logger import Logger, LogLevel, LogPublisher, globalLogPublisher
 
+import elevgw
 from elevgw.observe import logs
 
 
@@ -125,6 +126,11 @@ def test_twistd_runs_logs_json_and_exits_cleanly_on_sigterm(tmp_path):
     assert lines, err
     messages = [line["message"] for line in lines]
     assert any(m.startswith("elevgw json-node: devices on") for m in messages), messages
+    # The first lines a user sees say what listens where, with this version.
+    assert f"elevgw API starting on {api_port}" in messages, messages
+    assert f"elevgw device WebSocket starting on {ws_port}" in messages, messages
+    [started] = [m for m in messages if m.startswith("elevgw json-node: devices on")]
+    assert started.endswith(f"store sqlite, webhooks off (elevgw {elevgw.__version__})")
     assert "Server Shut Down." in messages
     # Every line from the gateway's start to its stop names the node; twistd's own lines
     # before the service tree starts (loading, reactor) cannot know it yet.

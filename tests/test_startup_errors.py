@@ -161,3 +161,10 @@ def test_a_folder_that_cannot_be_written_is_refused(tmp_path):
         expected = "is not writable"
     with pytest.raises(usage.UsageError, match=expected):
         Options().parseOptions(["--store", f"sqlite:{locked}/x.db"])
+
+
+def test_the_start_line_shows_no_webhook_password():
+    from elevgw.service import _without_password
+
+    assert _without_password("https://hook:s3cret@backend:8443/x") == "https://backend:8443/x"
+    assert _without_password("http://backend:5000") == "http://backend:5000"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from elevgw import __version__
 from elevgw.config import Settings
 from elevgw.core.gateway import Gateway
 from elevgw.core.sessions import CLOSE_GOING_AWAY
@@ -273,11 +275,16 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.log.info(
-            "elevgw {node_id}: devices on {ws}, API on {api}, store {store}",
+            "elevgw {node_id}: devices on {ws}, API on {api}, store {store}, webhooks {webhooks}"
+            " (elevgw {version})",
             node_id=self.settings.node_id,
             ws=self.settings.ws_endpoint,
             api=self.settings.api_endpoint,
             store=self.store.name,
+            webhooks="to " + _without_password(self.settings.backend_url)
+            if self.settings.backend_url
+            else "off",
+            version=__version__,
         )
 
         def started(_: Any) -> None:
@@ -336,3 +343,11 @@ class _EventSinkResource:
 
     def stop(self) -> Deferred:
         return maybeDeferred(self._sink.stop)
+
+
+def _without_password(url: str) -> str:
+    """``url`` fit for a log line: a ``user:password@`` in it is cut."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

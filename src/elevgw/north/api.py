@@ -89,6 +89,10 @@ class APISite(Site):
     displayTracebacks = False
     noisy = False
 
+    def logPrefix(self) -> str:
+        """Names the listener in Twisted's "… starting on PORT" line."""
+        return "elevgw API"
+
     def __init__(self, api: DeviceAPI, clock: Any) -> None:
         # The API takes JSON only: no form decoding, which parses the Content-Type of every
         # POST with the email package.

@@ -309,6 +309,10 @@ class DeviceFactory(WebSocketServerFactory):
     protocol = DeviceProtocol
     noisy = False
 
+    def logPrefix(self) -> str:
+        """Names the listener in Twisted's "… starting on PORT" line."""
+        return "elevgw device WebSocket"
+
     def __init__(
         self,
         gateway: Gateway,
