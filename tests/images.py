@@ -9,7 +9,7 @@ def tiny_png(width: int = 4, height: int = 2) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    rows = b"".join(b"\x00" + bytes([y * 40, 80, 200]) * width for y in range(height))
+    rows = b"".join(b"\x00" + bytes([y * 40 % 256, 80, 200]) * width for y in range(height))
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))

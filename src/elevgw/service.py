@@ -34,6 +34,7 @@ from elevgw.listener import Listener
 from elevgw.north.api import APISite, DeviceAPI
 from elevgw.north.base import APIDeps
 from elevgw.observe.metrics import MeasuredStore, Metrics
+from elevgw.observe.status import NodeStatus
 from elevgw.observe.store_health import StoreHealth, StoreProbe
 from elevgw.presence.local import LocalPresence
 from elevgw.snapshots.files import FileSnapshotStore
@@ -157,6 +158,14 @@ class GatewayService(MultiService):
             max_outbound_buffer=settings.max_outbound_buffer,
             handshake_timeout=settings.handshake_timeout,
         )
+        self.node_status = NodeStatus(
+            self.store,
+            self.metrics,
+            self.event_sink,
+            settings.node_id,
+            reactor,
+            sessions=self.gateway.registry.__len__,
+        )
         self.api = DeviceAPI(
             APIDeps(
                 store=self.store,
@@ -169,6 +178,7 @@ class GatewayService(MultiService):
                 api_key=settings.api_key,
                 max_body=settings.max_body_size,
                 max_waiting_calls=settings.max_waiting_calls,
+                status=self.node_status.report,
             )
         )
 
@@ -181,6 +191,7 @@ class GatewayService(MultiService):
         sweep.setServiceParent(self)
         StoreProbe(self.store, reactor).setServiceParent(self)
         site = APISite(self.api, reactor)
+        self.node_status.setServiceParent(self)
         self.api_listener = Listener(
             reactor, settings.api_endpoint, site, "--api-endpoint", settings.reuse_port
         )

@@ -20,7 +20,14 @@ from elevgw.snapshots.interfaces import (
     snapshot_key,
     sniff_image_type,
 )
-from elevgw.stores.interfaces import Device, IDeviceStore, LogEntry, StoreUnavailable
+from elevgw.stores.interfaces import (
+    Device,
+    IDeviceStore,
+    LogEntry,
+    StoreUnavailable,
+    fold_query,
+    position_of,
+)
 
 
 @implementer(IEventSink)
@@ -100,6 +107,17 @@ class MemoryDeviceStore:
     def list_devices(self) -> Deferred:
         devices = sorted(self.devices.values(), key=lambda d: (d.created, d.device_id))
         return self._answer(devices)
+
+    def page_devices(self, after: Any, limit: int, query: str | None = None) -> Deferred:
+        folded = fold_query(query or "")
+        matches = [
+            d
+            for d in sorted(self.devices.values(), key=position_of)
+            if (after is None or position_of(d) > tuple(after))
+            and (folded in fold_query(d.device_id) or folded in fold_query(d.location))
+        ]
+        page = matches[:limit]
+        return self._answer((page, position_of(page[-1]) if len(matches) > limit else None))
 
     def delete_device(self, device_id: str) -> Deferred:
         if not self.available:

@@ -14,11 +14,12 @@ from twisted.web.server import Site
 
 from elevgw.north.base import APIDeps
 from elevgw.north.commands import CommandRoutes
+from elevgw.north.console.routes import ConsoleRoutes
 from elevgw.north.devices import DeviceRoutes
 from elevgw.north.limits import APIChannel, LimitedRequest, WaitingCalls
 
 
-class DeviceAPI(DeviceRoutes, CommandRoutes):
+class DeviceAPI(DeviceRoutes, CommandRoutes, ConsoleRoutes):
     """Every route. A new route group is a mixin of ``elevgw.north.base.APIBase`` added here."""
 
     def __init__(self, deps: APIDeps) -> None:

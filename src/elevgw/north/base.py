@@ -52,6 +52,8 @@ class APIDeps:
     api_key: str | None = None
     max_body: int = MAX_BODY
     max_waiting_calls: int = 1000
+    #: ``GET /api/v1/status``: fires with this node's status (``elevgw.observe.status``).
+    status: Callable[[], Awaitable[dict]] | None = None
 
 
 class APIBase:
@@ -66,6 +68,7 @@ class APIBase:
         self.metrics = deps.metrics
         self.node_id = deps.node_id
         self.health = deps.health
+        self.status = deps.status
         self._api_key = deps.api_key.encode("utf-8") if deps.api_key else None
         self.max_body = deps.max_body
         self.max_waiting_calls = deps.max_waiting_calls

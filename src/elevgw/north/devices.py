@@ -8,6 +8,7 @@ from typing import Any
 
 from elevgw.core.sessions import CLOSE_REVOKED
 from elevgw.events.model import OFFLINE_REVOKED
+from elevgw.north import device_pages
 from elevgw.north.base import APIBase, app, int_arg
 from elevgw.north.errors import ApiError
 from elevgw.presence.interfaces import Holder
@@ -99,11 +100,24 @@ class DeviceRoutes(APIBase):
 
     @app.route("/api/v1/devices", methods=["GET"])
     async def list_devices(self, request: Any) -> bytes:
+        """Every device, or with ``limit``, ``after``, ``q`` or ``online`` one page of them
+        and the ``next`` cursor (``elevgw.north.device_pages``)."""
         self._authorize(request)
-        devices = await self.store.list_devices()
-        holders = await self.presence.holders([d.device_id for d in devices])
+        if not any(request.args.get(name, [b""])[0] for name in device_pages.ARGUMENTS):
+            devices = await self.store.list_devices()
+            holders = await self.presence.holders([d.device_id for d in devices])
+            return self._json(
+                request, {"devices": [device_json(d, holders.get(d.device_id)) for d in devices]}
+            )
+        devices, holders, cursor = await device_pages.page_of_devices(
+            self.store, self.presence, *device_pages.page_arguments(request)
+        )
         return self._json(
-            request, {"devices": [device_json(d, holders.get(d.device_id)) for d in devices]}
+            request,
+            {
+                "devices": [device_json(d, holders.get(d.device_id)) for d in devices],
+                "next": cursor,
+            },
         )
 
     @app.route("/api/v1/devices/<device_id>", methods=["GET"])

@@ -204,6 +204,7 @@ STORE_OPERATIONS = (
     "add_device",
     "get_device",
     "list_devices",
+    "page_devices",
     "delete_device",
     "set_token_hash",
     "record_last_seen",

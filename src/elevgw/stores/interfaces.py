@@ -49,6 +49,26 @@ class LogEntry:
     payload: Any
 
 
+#: Where a device sits in ``list_devices`` order: ``(created, device_id)``.
+DevicePosition = tuple[float, str]
+
+
+def position_of(device: Device) -> DevicePosition:
+    return (device.created, device.device_id)
+
+
+def fold_query(query: str) -> str:
+    """A search string as the stores compare it: ASCII letters lower-cased, nothing else.
+
+    Both stores fold only ASCII (SQLite's ``lower()`` and Lua's ``string.lower`` do no more),
+    so a query matches the same devices whichever store is behind the gateway.
+    """
+    return query.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def new_device_id() -> str:
     return ids.new_id(ids.DEVICE)
 
@@ -93,6 +113,18 @@ class IDeviceStore(Interface):
 
     def list_devices():
         """Fire with every ``Device``, ordered by ``created`` then ``device_id``."""
+
+    def page_devices(after, limit, query=None):
+        """Fire with ``(devices, next)``: a page of ``list_devices``, without loading them all.
+
+        ``devices``: up to ``limit`` devices past the ``DevicePosition`` ``after`` (``None``:
+        from the start), in ``list_devices`` order, whose id or location contains ``query``
+        (compared after ``fold_query`` on both sides; ``None`` or empty matches all).
+        ``next``: the position to pass as ``after`` for the rest, ``None`` once none is left.
+        A store may bound the work of one call and stop early with fewer than ``limit``
+        devices and a ``next`` (the Redis store does, so a search never holds Redis long):
+        a caller pages on until ``next`` is ``None``, never stops at a short page.
+        """
 
     def delete_device(device_id):
         """Remove the device and its credentials (its logs may stay). Fire with ``True`` if it existed."""

@@ -35,7 +35,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from elevgw.stores.interfaces import Device, IDeviceStore, LogEntry, StoreUnavailable
+from elevgw.stores.interfaces import (
+    Device,
+    DevicePosition,
+    IDeviceStore,
+    LogEntry,
+    StoreUnavailable,
+    fold_query,
+)
 from elevgw.stores.redis_url import parse_redis_url
 from elevgw.util import dumps_json
 
@@ -76,6 +83,56 @@ _LIST_DEVICES = _Script(
         end
     end
     return out
+    """
+)
+
+# A page of the listing in ``(created, device_id)`` order, which is the sorted set's own order
+# (equal scores sort by member). It examines at most ARGV[6] members, so a search that matches
+# little never holds Redis for long; it then answers a short page and where it stopped.
+# ARGV: key prefix, after score ('' for the start), after id, limit, folded query, budget.
+# The after device's own score wins while it exists (the set may hold seconds written by an
+# older version); the score given is for a device deleted since.
+# Answer: next score, next id ('' when nothing is left), then five fields per device.
+_PAGE_DEVICES = _Script(
+    """
+    local prefix, after_score, after_id = ARGV[1], ARGV[2], ARGV[3]
+    local limit, query, budget = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+    if after_score ~= '' then
+        after_score = redis.call('ZSCORE', KEYS[1], after_id) or after_score
+    end
+    local min, after = '-inf', nil
+    if after_score ~= '' then min, after = after_score, tonumber(after_score) end
+    local out, found, scanned, offset = {'', ''}, 0, 0, 0
+    local last_id, last_score, found_id, found_score = nil, nil, nil, nil
+    while true do
+        local batch = redis.call('ZRANGEBYSCORE', KEYS[1], min, '+inf', 'WITHSCORES',
+                                 'LIMIT', offset, 100)
+        if #batch == 0 then return out end
+        offset = offset + #batch / 2
+        for i = 1, #batch, 2 do
+            local id, score = batch[i], batch[i + 1]
+            if after == nil or tonumber(score) > after or id > after_id then
+                if scanned == budget then
+                    out[1], out[2] = last_score, last_id
+                    return out
+                end
+                scanned = scanned + 1
+                last_id, last_score = id, score
+                local f = redis.call('HMGET', prefix .. id, 'location', 'token_hash', 'created',
+                                     'last_seen')
+                if f[1] and (query == '' or string.find(string.lower(id), query, 1, true)
+                             or string.find(string.lower(f[1]), query, 1, true)) then
+                    if found == limit then
+                        out[1], out[2] = found_score, found_id
+                        return out
+                    end
+                    found, found_id, found_score = found + 1, id, score
+                    out[#out + 1] = id
+                    for j = 1, 4 do out[#out + 1] = f[j] end
+                end
+            end
+        end
+    end
     """
 )
 
@@ -200,6 +257,9 @@ class RedisStore:
     #: Longest wait, in seconds, between reconnection attempts while Redis is down; the first
     #: retry comes after one second and the delay grows by a factor of e up to this.
     reconnect_max_delay = 5.0
+
+    #: Most devices one ``page_devices`` call examines, bounding how long a search holds Redis.
+    page_scan_budget = 2000
 
     def __init__(
         self,
@@ -395,6 +455,26 @@ class RedisStore:
 
         d = self._script(_LIST_DEVICES, [self.devices_key()], [self.prefix + "device:"])
         return d.addCallback(devices)
+
+    def page_devices(
+        self, after: DevicePosition | None, limit: int, query: str | None = None
+    ) -> Deferred:
+        """Examines at most ``page_scan_budget`` devices per call (see ``IDeviceStore``)."""
+
+        def page(reply) -> tuple[list[Device], DevicePosition | None]:
+            next_score, next_id = reply[0], reply[1]
+            devices = [_device(*reply[i : i + 5]) for i in range(2, len(reply), 5)]
+            return devices, (_seconds(next_score), next_id) if next_id else None
+
+        args = [
+            self.prefix + "device:",
+            "" if after is None else _ms_text(after[0]),
+            "" if after is None else after[1],
+            int(limit),
+            fold_query(query or ""),
+            self.page_scan_budget,
+        ]
+        return self._script(_PAGE_DEVICES, [self.devices_key()], args).addCallback(page)
 
     def delete_device(self, device_id: str) -> Deferred:
         d = self._script(

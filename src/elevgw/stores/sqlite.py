@@ -15,7 +15,15 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from elevgw.stores.interfaces import Device, IDeviceStore, LogEntry, StoreUnavailable
+from elevgw.stores.interfaces import (
+    Device,
+    DevicePosition,
+    IDeviceStore,
+    LogEntry,
+    StoreUnavailable,
+    fold_query,
+    position_of,
+)
 from elevgw.util import dumps_json
 
 SCHEMA = [
@@ -33,6 +41,7 @@ SCHEMA = [
         payload TEXT NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS logs_by_device ON logs (device_id, ts DESC, id DESC)",
+    "CREATE INDEX IF NOT EXISTS devices_in_order ON devices (created, device_id)",
 ]
 
 _DEVICE_COLUMNS = "device_id, location, token_hash, created, last_seen"
@@ -165,6 +174,29 @@ class SQLiteStore:
     def list_devices(self) -> Deferred:
         d = self._query("SELECT " + _DEVICE_COLUMNS + " FROM devices ORDER BY created, device_id")
         return d.addCallback(lambda rows: [_device(row) for row in rows])
+
+    def page_devices(
+        self, after: DevicePosition | None, limit: int, query: str | None = None
+    ) -> Deferred:
+        """One indexed range query; SQLite scans as far as it needs, so a page is always full
+        unless the devices run out."""
+        where, args = [], []
+        if after is not None:
+            where.append("(created, device_id) > (?, ?)")
+            args += [after[0], after[1]]
+        if query:
+            where.append("(instr(lower(device_id), ?) > 0 OR instr(lower(location), ?) > 0)")
+            args += [fold_query(query)] * 2
+        sql = "SELECT " + _DEVICE_COLUMNS + " FROM devices"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created, device_id LIMIT ?"
+
+        def page(rows) -> tuple[list[Device], DevicePosition | None]:
+            devices = [_device(row) for row in rows[:limit]]
+            return devices, position_of(devices[-1]) if len(rows) > limit else None
+
+        return self._query(sql, *args, limit + 1).addCallback(page)
 
     def delete_device(self, device_id: str) -> Deferred:
         def delete(txn) -> bool:

@@ -1,0 +1,283 @@
+"""The operator console in a real headless Chromium against a real gateway and devices.
+
+The gateway runs on ephemeral loopback ports in this process; devices are real WebSocket
+clients (``wsclient.TestDevice``) that answer commands and snapshot requests as firmware does.
+Each test leaves a screenshot of the page it checked in ``docs/console/`` when
+``ELEVGW_CONSOLE_SCREENSHOTS`` names that folder (the README shows them), else in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+
+from browser import DESKTOP, PHONE, Browser, start_chromium
+from images import tiny_png
+from wsclient import connect_device
+
+API_KEY = "console-test-key"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    driver = start_chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    chromium.delete_all_cookies()
+    chromium.set_window_size(*DESKTOP)
+    yield Browser(chromium)
+    chromium.execute_script("try { sessionStorage.clear() } catch (e) {}")
+    chromium.get("about:blank")
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    folder = os.environ.get("ELEVGW_CONSOLE_SCREENSHOTS")
+    return Path(folder) if folder else tmp_path
+
+
+class Firmware:
+    """A connected device that acks commands and answers ``snapshot`` with an image."""
+
+    def __init__(self, connection, device_id: str) -> None:
+        self.connection = connection
+        self.device_id = device_id
+        self.commands: list[dict] = []
+        self._loop = defer.ensureDeferred(self._answer())
+
+    async def _answer(self) -> None:
+        while not self.connection.closed.called:
+            try:
+                frame = await self.connection.frame(timeout=3600)
+            except (defer.CancelledError, defer.TimeoutError):
+                return
+            if not isinstance(frame, dict) or frame.get("type") != "command":
+                continue
+            self.commands.append(frame)
+            if frame["payload"] == "snapshot":
+                image = base64.b64encode(tiny_png(64, 48)).decode()
+                self.connection.send(
+                    {
+                        "type": "snapshot",
+                        "device_id": self.device_id,
+                        "id": frame["id"],
+                        "payload": image,
+                    }
+                )
+            else:
+                self.connection.send(
+                    {
+                        "type": "ack",
+                        "device_id": self.device_id,
+                        "id": frame["id"],
+                        "payload": {"done": frame["payload"]},
+                    }
+                )
+
+    async def close(self) -> None:
+        await self.connection.close()
+        self._loop.cancel()
+
+
+async def fleet(gateway, locations, connected):
+    """Registers a device per location; connects the first ``connected`` of them."""
+    registered = [await gateway.register(location) for location in locations]
+    devices = []
+    for creds in registered[:connected]:
+        connection = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+        devices.append(Firmware(connection, creds["device_id"]))
+    return registered, devices
+
+
+async def sign_in(browser, gateway, key=API_KEY, page="#/devices"):
+    await browser.open(f"{gateway.base}/console/{page}")
+    await browser.type("#api-key", key)
+    await browser.click(".sign-in button")
+
+
+async def close_all(devices):
+    for device in devices:
+        await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sign_in_asks_for_the_key_and_refuses_a_wrong_one(gateway_factory, browser, shots):
+    gateway = await gateway_factory(api_key=API_KEY)
+    await browser.open(f"{gateway.base}/console/")
+    await browser.element("#api-key")
+    assert await browser.script("return document.querySelector('#nav').hidden") is True
+    await browser.screenshot(shots / "sign-in.png")
+    await sign_in(browser, gateway, key="not-the-key")
+    assert "refused" in await browser.wait_text("[role=alert]", "refused")
+    assert await browser.script("return sessionStorage.getItem('elevgw.apiKey')") is None
+    await sign_in(browser, gateway)
+    await browser.wait_text("h1", "Devices")
+    assert await browser.script("return sessionStorage.getItem('elevgw.apiKey')") == API_KEY
+    assert API_KEY not in await browser.script("return location.href")
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_page_shows_who_is_online_and_follows_a_disconnect(
+    gateway_factory, browser, shots
+):
+    gateway = await gateway_factory(api_key=API_KEY)
+    locations = ["上海中心01号", "上海中心02号", "北京国贸03号", "广州塔04号"]
+    registered, devices = await fleet(gateway, locations, connected=3)
+    try:
+        await sign_in(browser, gateway)
+        await browser.wait_text(".devices tbody", registered[3]["device_id"])
+        rows = await browser.script(
+            "return [...document.querySelectorAll('.devices tbody tr')]"
+            ".map(r => [r.dataset.device, r.querySelector('.state').textContent])"
+        )
+        assert dict(rows) == {
+            registered[0]["device_id"]: "online",
+            registered[1]["device_id"]: "online",
+            registered[2]["device_id"]: "online",
+            registered[3]["device_id"]: "offline",
+        }
+        await browser.screenshot(shots / "devices.png")
+
+        gone = registered[1]["device_id"]
+        await devices[1].close()
+        await browser.wait_for(
+            f"document.querySelector('tr[data-device=\"{gone}\"] .state').textContent === 'offline'",
+            "the disconnected device shown offline",
+            timeout=25,
+        )
+
+        await browser.type("input[name=q]", "上海")
+        await browser.wait_for(
+            "document.querySelectorAll('.devices tbody tr').length === 2", "two devices in 上海"
+        )
+        await browser.run(
+            lambda: (
+                browser.driver.find_element("css selector", "select[name=online]")
+                .find_element("css selector", "option[value=true]")
+                .click()
+            )
+        )
+        await browser.wait_for(
+            "document.querySelectorAll('.devices tbody tr').length === 1", "one online in 上海"
+        )
+        assert "online=true" in await browser.script("return location.hash")
+    finally:
+        await close_all(devices)
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_page_pages_through_the_fleet(gateway_factory, browser):
+    gateway = await gateway_factory()
+    for n in range(60):
+        await gateway.register(f"大楼{n:02}号")
+    await browser.open(f"{gateway.base}/console/#/devices")
+    await browser.wait_text("[aria-live=polite]", "50 devices shown")
+    await browser.click("button.more")
+    await browser.wait_text("[aria-live=polite]", "60 devices shown.")
+    assert await browser.script("return document.querySelector('button.more').hidden") is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_page_takes_a_snapshot_and_sends_a_command(gateway_factory, browser, shots):
+    gateway = await gateway_factory(api_key=API_KEY)
+    registered, devices = await fleet(gateway, ["上海中心01号 A座"], connected=1)
+    device_id = registered[0]["device_id"]
+    devices[0].connection.send(
+        {
+            "type": "log",
+            "device_id": device_id,
+            "payload": {"level": "info", "msg": "屏幕亮度 80%"},
+        }
+    )
+    try:
+        await sign_in(browser, gateway, page=f"#/device/{device_id}")
+        await browser.wait_text("h1", "上海中心01号 A座")
+        await browser.wait_text("h1 .badge", "online")
+        await browser.wait_text(".logs", "屏幕亮度 80%")
+
+        await browser.click(".panel button[type=button]:not(.warn)")  # Take snapshot
+        await browser.wait_for(
+            "[...document.querySelectorAll('.gallery img')]"
+            ".some(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth === 64)",
+            "the new snapshot shown",
+        )
+        assert [c["payload"] for c in devices[0].commands] == ["snapshot"]
+
+        await browser.type("input[name=command]", "SET_VOLUME")
+        await browser.type("textarea[name=data]", '{"volume": 3}')
+        await browser.type("input[name=wait]", "5")
+        await browser.click(".command-form button[type=submit]")
+        shown = await browser.wait_text(".command-form + div", "Command cmd_")
+        sent = devices[0].commands[-1]
+        assert sent["payload"] == "SET_VOLUME" and sent["data"] == {"volume": 3}
+        assert sent["id"] in shown
+        await browser.screenshot(shots / "device.png")
+    finally:
+        await close_all(devices)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotating_the_token_shows_the_new_one_once_and_revoking_leaves(
+    gateway_factory, browser
+):
+    gateway = await gateway_factory(api_key=API_KEY)
+    registered, _ = await fleet(gateway, ["深圳湾05号"], connected=0)
+    device_id = registered[0]["device_id"]
+    await sign_in(browser, gateway, page=f"#/device/{device_id}")
+    await browser.wait_text("h1", "深圳湾05号")
+    await browser.click(".danger button.warn")
+    await browser.click(".danger .question ~ button.warn")
+    token = await browser.text_of(".token-box code")
+    assert token and token != registered[0]["token"]
+    connection = await connect_device(gateway.ws_port, device_id, token)
+    await connection.close()
+
+    buttons = ".danger > span:nth-of-type(2) button.warn"
+    await browser.click(buttons)
+    await browser.click(".danger .question ~ button.warn")
+    await browser.wait_text("h1", "Devices")
+    status, _ = await gateway.call("GET", f"/api/v1/devices/{device_id}")
+    assert status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_fleet_page_shows_counts_health_and_the_chart(gateway_factory, browser, shots):
+    gateway = await gateway_factory(api_key=API_KEY)
+    gateway.service.node_status.sample_every = 0.5
+    _, devices = await fleet(gateway, [f"商场{n}号" for n in range(5)], connected=3)
+    try:
+        await deferLater(reactor, 2.2, lambda: None)  # a few samples for the chart
+        await sign_in(browser, gateway, page="#/fleet")
+        await browser.wait_text("h1", "Fleet")
+        await browser.wait_text(".facts", "sqlite: answering")
+        await browser.wait_text(".facts", "Reactor lag")
+        await browser.wait_for("document.querySelector('svg.chart polyline')", "the online chart")
+        await browser.wait_text(".figures", "3")
+        await browser.screenshot(shots / "fleet.png")
+    finally:
+        await close_all(devices)
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_is_usable_on_a_phone(gateway_factory, browser, shots):
+    gateway = await gateway_factory()
+    for n in range(8):
+        await gateway.register(f"写字楼{n:02}号")
+    await browser.size(PHONE)
+    await browser.open(f"{gateway.base}/console/#/devices")
+    await browser.wait_text("[aria-live=polite]", "8 devices shown")
+    overflow = await browser.script(
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0, "the page scrolls sideways on a phone"
+    await browser.screenshot(shots / "devices-phone.png")
