@@ -59,6 +59,10 @@ class Settings:
     #: A worker's own API listener, beside the shared one (``--worker-api-port``).
     worker_api_endpoint: str | None = None
     lean_frames: bool = True
+    event_log: bool = True
+    event_log_max_age: float = 7 * 86400.0
+    event_log_maxlen: int = 1_000_000
+    event_log_wait: float = 2.0
 
     def oss_options(self) -> dict:
         """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""

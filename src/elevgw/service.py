@@ -29,6 +29,7 @@ from elevgw.config import Settings
 from elevgw.core.gateway import Gateway
 from elevgw.core.sessions import CLOSE_GOING_AWAY
 from elevgw.events import model as events
+from elevgw.events.log import EventLog, EventLogMetrics
 from elevgw.events.webhooks import WebhookSink
 from elevgw.listener import Listener
 from elevgw.north.api import APISite, DeviceAPI
@@ -41,8 +42,9 @@ from elevgw.snapshots.files import FileSnapshotStore
 from elevgw.snapshots.interfaces import ISnapshotStore
 from elevgw.south.protocol import DeviceFactory
 from elevgw.specs import FileSnapshotsSpec, SQLiteSpec, parse_snapshots, parse_store
-from elevgw.stores.interfaces import IDeviceStore
+from elevgw.stores.interfaces import IDeviceStore, IEventLog
 from elevgw.stores.sqlite import SQLiteStore
+from elevgw.stores.sqlite_events import SQLiteEventLog
 from elevgw.timing import within
 
 
@@ -133,7 +135,10 @@ class GatewayService(MultiService):
         self.store_health = StoreHealth(store.name, reactor)
         self.store = MeasuredStore(store, self.metrics, reactor, self.store_health)
         self.snapshots = snapshots or self._make_snapshot_store(settings.snapshots, threadpool)
-        self.event_sink = event_sink or self._make_event_sink(settings)
+        self.webhooks: events.IEventSink = event_sink or self._make_event_sink(settings)
+        #: The event log (``None`` with ``--event-log off``); it forwards to the webhooks.
+        self.event_log = self._make_event_log(settings, self.webhooks)
+        self.event_sink: events.IEventSink = self.event_log or self.webhooks
         self.gateway = Gateway(
             self.store,
             self.snapshots,
@@ -186,6 +191,9 @@ class GatewayService(MultiService):
         self._add_resource(self.store)
         self._add_resource(self.snapshots)
         self._add_resource(_EventSinkResource(self.event_sink))
+        if self.event_log is not None:
+            self.event_log.setServiceParent(self)
+            self.api.event_log = self.event_log
         sweep = TimerService(settings.sweep_interval, self._run_sweep)
         sweep.clock = reactor
         sweep.setServiceParent(self)
@@ -237,6 +245,30 @@ class GatewayService(MultiService):
             raise ConfigError("webhooks: {}".format(e))
         self.metrics.watch_webhooks(sink)
         return sink
+
+    def _make_event_log(self, settings: Settings, forward: events.IEventSink) -> EventLog | None:
+        if not settings.event_log:
+            return None
+        store = self.store.wrapped
+        log: IEventLog
+        if store.name == "sqlite":
+            log = SQLiteEventLog(store)
+        elif store.name == "redis":
+            from elevgw.stores.redis_events import RedisEventLog
+
+            log = RedisEventLog(store, maxlen=settings.event_log_maxlen)
+        else:
+            self.log.info("no event log on a {name} store", name=store.name)
+            return None
+        return EventLog(
+            log,
+            self.reactor,
+            forward,
+            max_age=settings.event_log_max_age,
+            max_entries=settings.event_log_maxlen,
+            forward_after=settings.event_log_wait,
+            metrics=EventLogMetrics(self.metrics.registry),
+        )
 
     def _make_snapshot_store(self, spec: str, threadpool: ThreadPool) -> ISnapshotStore:
         try:

@@ -344,6 +344,35 @@ class Options(usage.Options):
             "Set by the --workers parent on each worker; not for use by hand.",
             _count,
         ],
+        [
+            "event-log",
+            None,
+            "on",
+            "Keep every event sent to the backend in the store, for GET /api/v1/events"
+            " (off: webhooks only).",
+            _switch,
+        ],
+        [
+            "event-log-max-age",
+            None,
+            604800.0,
+            "Seconds an event-log entry is kept.",
+            _positive_float,
+        ],
+        [
+            "event-log-maxlen",
+            None,
+            1000000,
+            "Event-log entries kept at most.",
+            _positive_int,
+        ],
+        [
+            "event-log-wait",
+            None,
+            2.0,
+            "Seconds a webhook waits for its event-log cursor before it goes without one.",
+            _positive_float,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -430,6 +459,8 @@ class Options(usage.Options):
             self["fast-writes"] = _switch(self["fast-writes"])
         if isinstance(self["lean-frames"], str):
             self["lean-frames"] = _switch(self["lean-frames"])
+        if isinstance(self["event-log"], str):
+            self["event-log"] = _switch(self["event-log"])
         if self["node-id"] is None:
             self["node-id"] = default_node_id()
         elif self["worker-index"] is not None:
@@ -562,6 +593,10 @@ class Options(usage.Options):
             lean_frames=self["lean-frames"],
             reuse_port=self["worker-index"] is not None,
             worker_api_endpoint=self._worker_api_endpoint(),
+            event_log=self["event-log"],
+            event_log_max_age=self["event-log-max-age"],
+            event_log_maxlen=self["event-log-maxlen"],
+            event_log_wait=self["event-log-wait"],
         )
 
     def _worker_api_endpoint(self) -> str | None:

@@ -7,6 +7,8 @@ or an API call wait.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from twisted.internet.defer import succeed
 from zope.interface import Interface, implementer
@@ -63,3 +65,14 @@ class NullSink:
 
     def stop(self):
         return succeed(None)
+
+
+@attrs.frozen
+class LoggedEvent:
+    """An event as the event log hands it on: with its log ``cursor`` (``None`` when the
+    append failed or took too long) and the ``event_id`` the log entry carries, which the
+    webhook sends as ``X-Elevgw-Event-Id`` so the backend can match the two."""
+
+    event: Any
+    cursor: str | None
+    event_id: str

@@ -46,7 +46,7 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from elevgw import __version__
-from elevgw.events.model import DeviceStatus, IEventSink, SnapshotReady
+from elevgw.events.model import DeviceStatus, IEventSink, LoggedEvent, SnapshotReady
 from elevgw.util import clock_ms, dumps_json
 
 STATUS_PATH = "/api/device/status"
@@ -314,8 +314,11 @@ class WebhookSink:
 
     # IEventSink
 
-    def emit(self, event: DeviceStatus | SnapshotReady) -> None:
-        """Queue ``event`` for delivery; returns at once and never raises."""
+    def emit(self, event: DeviceStatus | SnapshotReady | LoggedEvent) -> None:
+        """Queue ``event`` for delivery; returns at once and never raises.
+
+        A ``LoggedEvent`` (from the event log) is sent with its ``cursor`` in the body and its
+        ``event_id`` as the event id."""
         try:
             self._enqueue(event)
         except Exception:
@@ -373,7 +376,10 @@ class WebhookSink:
 
     # Queueing
 
-    def _enqueue(self, event: DeviceStatus | SnapshotReady) -> None:
+    def _enqueue(self, event: Any) -> None:
+        logged = event if isinstance(event, LoggedEvent) else None
+        if isinstance(event, LoggedEvent):
+            event = event.event
         if self._stopped:
             self._drop_counted(event.device_id, "sink stopped")
             return
@@ -400,12 +406,14 @@ class WebhookSink:
             }
         else:
             raise TypeError(f"not a webhook event: {event!r}")
+        if logged is not None:
+            body["cursor"] = logged.cursor
         item = _Event(
             device_id=device_id,
             kind=kind,
             url=self._urls[kind],
             body=dumps_json(body),
-            event_id=uuid.uuid4().hex,
+            event_id=logged.event_id if logged is not None else uuid.uuid4().hex,
             seq=seq,
         )
 

@@ -16,10 +16,11 @@ from elevgw.north.base import APIDeps
 from elevgw.north.commands import CommandRoutes
 from elevgw.north.console.routes import ConsoleRoutes
 from elevgw.north.devices import DeviceRoutes
+from elevgw.north.events import EventRoutes
 from elevgw.north.limits import APIChannel, LimitedRequest, WaitingCalls
 
 
-class DeviceAPI(DeviceRoutes, CommandRoutes, ConsoleRoutes):
+class DeviceAPI(DeviceRoutes, CommandRoutes, ConsoleRoutes, EventRoutes):
     """Every route. A new route group is a mixin of ``elevgw.north.base.APIBase`` added here."""
 
     def __init__(self, deps: APIDeps) -> None:

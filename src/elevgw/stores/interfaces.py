@@ -140,3 +140,72 @@ class IDeviceStore(Interface):
 
     def get_logs(device_id, limit, before=None):
         """Fire with up to ``limit`` ``LogEntry``, newest first, with ``ts < before`` if given."""
+
+
+class BadCursor(ValueError):
+    """An event-log cursor that this log never handed out (malformed, or another store's)."""
+
+
+@attrs.frozen
+class EventRecord:
+    """One entry of the event log as it is appended and read back.
+
+    ``type`` is the event's kind (``status``, ``snapshot``, ``command``), ``ts`` epoch
+    milliseconds of the event, ``event_id`` the id its webhook carries as
+    ``X-Elevgw-Event-Id``, ``body`` the rest of the webhook body (a JSON object). ``cursor`` is
+    set by the log: an opaque string that grows with every append (on Redis, across the
+    cluster), ``None`` before the entry is stored.
+    """
+
+    type: str
+    device_id: str
+    ts: int
+    event_id: str
+    body: dict
+    cursor: str | None = None
+
+
+@attrs.frozen
+class EventPage:
+    """A page of the event log: ``records`` oldest first, and the cursor to read on from.
+
+    ``next`` is the cursor of the last entry examined, which with a ``device_id`` or
+    ``type`` filter may be an entry that did not match: reading on from it never examines the
+    same entries twice.
+    """
+
+    records: list
+    next: str
+
+
+class IEventLog(Interface):
+    """The gateway's event log in the store: every event sent (or meant) for the backend.
+
+    Each store implements it next to its devices (a table on SQLite, a stream on Redis). All
+    methods return Deferreds and fail with ``StoreUnavailable`` when the backend is down.
+    """
+
+    start_cursor = Attribute("The cursor before every entry (read from it to get everything).")
+
+    def start():
+        """Create whatever the log needs in the store (after the store itself started)."""
+
+    def append(records):
+        """Append ``EventRecord``s in order; fire with their cursors, in the same order."""
+
+    def read(after, limit, device_id=None, type=None):
+        """Fire with an ``EventPage`` of up to ``limit`` records with a cursor after ``after``
+        (``None``: from the oldest), matching ``device_id`` and ``type`` when given.
+
+        Fails with ``BadCursor`` for a cursor this log cannot have handed out.
+        """
+
+    def last_cursor():
+        """Fire with the newest entry's cursor, or ``start_cursor`` when the log is empty."""
+
+    def trim(max_age, max_entries, now):
+        """Drop entries older than ``max_age`` seconds before ``now`` (epoch seconds) and all
+        but the newest ``max_entries`` (approximately on Redis). Fire with the entries left."""
+
+    def parse_cursor(cursor):
+        """A sortable key of ``cursor``; raises ``BadCursor`` if it is not one of this log's."""

@@ -111,6 +111,11 @@ class SQLiteStore:
             return fail(StoreUnavailable("sqlite store is not started"))
         return self._pool.runInteraction(function, *args).addErrback(_unavailable)
 
+    def interaction(self, function, *args) -> Deferred:
+        """Run ``function(transaction, *args)`` on the store's connection thread, for parts
+        kept in the same file (the event log); driver errors become ``StoreUnavailable``."""
+        return self._interaction(function, *args)
+
     def ping(self) -> Deferred:
         return self._query("SELECT 1").addCallback(lambda _: None)
 

@@ -1,0 +1,272 @@
+"""The event log end to end: a real gateway (SQLite and Redis), real devices, real HTTP,
+webhooks to a real backend, and the Server-Sent Events stream read off a socket."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Protocol
+
+from test_webhooks_gateway import backend  # noqa: F401  (fixture)
+from webhook_receiver import within
+from wsclient import connect_device
+
+pytest_plugins = ["redis_support"]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_settings(request):
+    if request.param == "sqlite":
+        return {}
+    return {"store": request.getfixturevalue("redis_url")}
+
+
+async def cycle(gateway, times=1):
+    """Register a device, connect and disconnect it ``times`` times; its id."""
+    creds = await gateway.register()
+    for _ in range(times):
+        device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+        await device.request({"type": "heartbeat"})
+        await device.close()
+    return creds["device_id"]
+
+
+async def events_until(gateway, count, path="/api/v1/events"):
+    """The first page of the log, once it holds ``count`` entries (offline events are
+    appended on the turn after the socket closes)."""
+    for _ in range(200):
+        status, body = await gateway.call("GET", path)
+        assert status == 200, body
+        if len(body["events"]) >= count:
+            return body
+        await defer.succeed(None)
+        d = defer.Deferred()
+        reactor.callLater(0.02, d.callback, None)
+        await d
+    raise AssertionError(f"the log never held {count} entries: {body}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_replay_lists_each_event_once_oldest_first_with_growing_cursors(
+    gateway_factory, store_settings
+):
+    gateway = await gateway_factory(**store_settings)
+    device_id = await cycle(gateway, times=2)
+    body = await events_until(gateway, 4)
+    events = body["events"]
+    assert [(e["type"], e["device_id"], e["status"], e["reason"]) for e in events] == [
+        ("status", device_id, "online", "connected"),
+        ("status", device_id, "offline", "closed"),
+    ] * 2
+    assert body["next"] == events[-1]["cursor"]
+    assert len({e["event_id"] for e in events}) == 4
+    assert all(isinstance(e["ts"], int) for e in events)
+
+    status, page = await gateway.call("GET", f"/api/v1/events?after={events[0]['cursor']}&limit=2")
+    assert status == 200
+    assert [e["cursor"] for e in page["events"]] == [e["cursor"] for e in events[1:3]]
+    status, rest = await gateway.call("GET", f"/api/v1/events?after={page['next']}")
+    assert [e["cursor"] for e in rest["events"]] == [events[3]["cursor"]]
+    status, empty = await gateway.call("GET", f"/api/v1/events?after={rest['next']}")
+    assert empty == {"events": [], "next": rest["next"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_replay_filters_by_device_and_type(gateway_factory):
+    gateway = await gateway_factory()
+    first = await cycle(gateway)
+    second = await cycle(gateway)
+    await events_until(gateway, 4)
+    status, body = await gateway.call("GET", f"/api/v1/events?device_id={second}")
+    assert {e["device_id"] for e in body["events"]} == {second} and len(body["events"]) == 2
+    status, body = await gateway.call("GET", "/api/v1/events?type=snapshot")
+    assert body["events"] == []
+    assert first
+
+
+@pytest.mark.parametrize(
+    "query, code",
+    [
+        ("after=nonsense", "bad_cursor"),
+        ("limit=0", "bad_limit"),
+        ("limit=1001", "bad_limit"),
+        ("limit=x", "bad_limit"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bad_replay_arguments_are_400(gateway, query, code):
+    status, body = await gateway.call("GET", "/api/v1/events?" + query)
+    assert (status, body["error"]) == (400, code)
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_routes_want_the_api_key(gateway_factory):
+    gateway = await gateway_factory(api_key="k" * 32)
+    for path in ("/api/v1/events", "/api/v1/events/stream"):
+        status, body = await gateway.call("GET", path, headers={"Authorization": "Bearer wrong"})
+        assert (status, body["error"]) == (401, "unauthorized")
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_the_log_off_the_routes_say_so_and_webhooks_carry_no_cursor(
+    backend,  # noqa: F811  (before gateway_factory: gateways stop first)
+    gateway_factory,
+):
+    gateway = await gateway_factory(event_log=False, backend_url=backend.url)
+    status, body = await gateway.call("GET", "/api/v1/events")
+    assert (status, body["error"]) == (404, "event_log_off")
+    device_id = await cycle(gateway)
+    await within(backend.wait_for_requests(2))
+    assert all("cursor" not in body for body in backend.bodies(device_id))
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_webhook_carries_its_entry_cursor_and_event_id(
+    backend,  # noqa: F811
+    gateway_factory,
+    store_settings,
+):
+    gateway = await gateway_factory(backend_url=backend.url, **store_settings)
+    device_id = await cycle(gateway)
+    await within(backend.wait_for_requests(2))
+    body = await events_until(gateway, 2)
+    by_cursor = {e["cursor"]: e for e in body["events"]}
+    for received in backend.requests:
+        entry = by_cursor[received.json["cursor"]]
+        assert received.event_id == entry["event_id"]
+        assert received.json["status"] == entry["status"]
+        assert received.json["ts"] == entry["ts"]
+        assert entry["device_id"] == device_id
+
+
+# The live stream
+
+
+class _SSEReader(Protocol):
+    """Collects a Server-Sent Events body: every event's fields, and the comments."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.events: list[dict] = []
+        self.comments: list[bytes] = []
+        self.waiters: list = []
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n\n" in self.buffer:
+            block, self.buffer = self.buffer.split(b"\n\n", 1)
+            fields: dict = {}
+            for line in block.split(b"\n"):
+                if line.startswith(b":"):
+                    self.comments.append(line)
+                elif line:
+                    name, _, value = line.partition(b": ")
+                    fields[name.decode()] = value.decode()
+            if "data" in fields:
+                fields["data"] = json.loads(fields["data"])
+                self.events.append(fields)
+        waiters, self.waiters = self.waiters, []
+        for check, d in waiters:
+            if check():
+                d.callback(None)
+            else:
+                self.waiters.append((check, d))
+
+    def until(self, check):
+        d = defer.Deferred()
+        if check():
+            d.callback(None)
+        else:
+            self.waiters.append((check, d))
+        return within(d)
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(None)
+
+
+async def open_stream(gateway, headers=None, query=""):
+    response = await treq.get(
+        gateway.base + "/api/v1/events/stream" + query,
+        headers=gateway._headers(headers),
+        unbuffered=True,
+        reactor=reactor,
+        timeout=10,
+    )
+    reader = _SSEReader()
+    response.deliverBody(reader)
+    return response, reader
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stream_sends_new_entries_live_with_their_cursor_as_id(
+    gateway_factory, store_settings
+):
+    gateway = await gateway_factory(**store_settings)
+    response, reader = await open_stream(gateway)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/event-stream; charset=utf-8"]
+    device_id = await cycle(gateway)
+    await reader.until(lambda: len(reader.events) >= 2)
+    assert [(e["data"]["device_id"], e["data"]["status"]) for e in reader.events] == [
+        (device_id, "online"),
+        (device_id, "offline"),
+    ]
+    assert all(e["id"] == e["data"]["cursor"] for e in reader.events)
+    await gateway.service.stopService()
+    await within(reader.done)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stream_resumes_after_last_event_id(gateway_factory, store_settings):
+    gateway = await gateway_factory(**store_settings)
+    await cycle(gateway, times=2)
+    events = (await events_until(gateway, 4))["events"]
+    response, reader = await open_stream(gateway, headers={"Last-Event-ID": events[1]["cursor"]})
+    await reader.until(lambda: len(reader.events) >= 2)
+    assert [e["id"] for e in reader.events] == [e["cursor"] for e in events[2:]]
+    device_id = await cycle(gateway)
+    await reader.until(lambda: len(reader.events) >= 4)
+    assert [e["data"]["device_id"] for e in reader.events[2:]] == [device_id] * 2
+    await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stream_sends_keep_alive_comments(gateway_factory):
+    gateway = await gateway_factory()
+    gateway.service.api.keepalive_interval = 0.05
+    response, reader = await open_stream(gateway)
+    await reader.until(lambda: b": keep-alive" in reader.comments)
+    await gateway.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_with_a_bad_last_event_id_is_400(gateway):
+    status, body = await gateway.call(
+        "GET", "/api/v1/events/stream", headers={"Last-Event-ID": "garbage"}
+    )
+    assert (status, body["error"]) == (400, "bad_cursor")
+
+
+async def eventually(check, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        d = defer.Deferred()
+        reactor.callLater(0.01, d.callback, None)
+        await d
+    raise AssertionError("never happened")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_is_unsubscribed(gateway_factory):
+    gateway = await gateway_factory()
+    clients = gateway.service.event_log.metrics.stream_clients
+    response, reader = await open_stream(gateway)
+    await eventually(lambda: clients._value.get() == 1)
+    reader.transport.stopProducing()  # the client closes its connection
+    await eventually(lambda: clients._value.get() == 0)
