@@ -68,7 +68,10 @@ class DeviceTransport(StringTransport):
 class Harness:
     """One gateway and one device connection on a ``StringTransport``."""
 
-    def __init__(self, lean: bool, max_message_size: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self, lean: bool, max_message_size: int = 8 * 1024 * 1024, slim: bool | None = None
+    ) -> None:
+        """``slim`` (slim connections) defaults to ``lean``: on together or off together."""
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.store = OneDeviceStore()
@@ -76,7 +79,11 @@ class Harness:
             self.store, NoSnapshots(), NullSink(), clock=self.clock, heartbeat_timeout=30
         )
         self.factory = DeviceFactory(
-            self.gateway, max_message_size, reactor=self.clock, lean_path=lean
+            self.gateway,
+            max_message_size,
+            reactor=self.clock,
+            lean_path=lean,
+            slim_connections=lean if slim is None else slim,
         )
         # Autobahn's handshake timers run on the global reactor: off in unit tests.
         self.factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)

@@ -22,6 +22,13 @@ def test_lean_frames_is_on_by_default_and_can_be_switched_off():
     assert settings_from(["--lean-frames", "on"]).lean_frames is True
 
 
+def test_slim_connections_is_on_by_default_and_can_be_switched_off(monkeypatch):
+    assert settings_from([]).slim_connections is True
+    assert settings_from(["--slim-connections", "off"]).slim_connections is False
+    monkeypatch.setenv("ELEVGW_SLIM_CONNECTIONS", "no")
+    assert settings_from([]).slim_connections is False
+
+
 def test_lean_frames_from_the_environment(monkeypatch):
     monkeypatch.setenv("ELEVGW_LEAN_FRAMES", "off")
     assert settings_from([]).lean_frames is False

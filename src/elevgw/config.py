@@ -63,6 +63,7 @@ class Settings:
     event_log_max_age: float = 7 * 86400.0
     event_log_maxlen: int = 1_000_000
     event_log_wait: float = 2.0
+    slim_connections: bool = True
 
     def oss_options(self) -> dict:
         """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""

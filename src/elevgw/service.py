@@ -160,6 +160,7 @@ class GatewayService(MultiService):
             reactor=reactor,
             fast_writes=settings.fast_writes,
             lean_path=settings.lean_frames,
+            slim_connections=settings.slim_connections,
             max_outbound_buffer=settings.max_outbound_buffer,
             handshake_timeout=settings.handshake_timeout,
         )

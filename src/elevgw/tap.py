@@ -323,6 +323,14 @@ class Options(usage.Options):
             _switch,
         ],
         [
+            "slim-connections",
+            None,
+            "on",
+            "Open device connections keep only what they use: no handshake leftovers, protocol"
+            " options held once (off: Autobahn's full per-connection state).",
+            _switch,
+        ],
+        [
             "workers",
             None,
             1,
@@ -461,6 +469,8 @@ class Options(usage.Options):
             self["lean-frames"] = _switch(self["lean-frames"])
         if isinstance(self["event-log"], str):
             self["event-log"] = _switch(self["event-log"])
+        if isinstance(self["slim-connections"], str):
+            self["slim-connections"] = _switch(self["slim-connections"])
         if self["node-id"] is None:
             self["node-id"] = default_node_id()
         elif self["worker-index"] is not None:
@@ -597,6 +607,7 @@ class Options(usage.Options):
             event_log_max_age=self["event-log-max-age"],
             event_log_maxlen=self["event-log-maxlen"],
             event_log_wait=self["event-log-wait"],
+            slim_connections=self["slim-connections"],
         )
 
     def _worker_api_endpoint(self) -> str | None:

@@ -22,7 +22,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 
 from elevgw.core.gateway import Gateway, HandshakeRefused
-from elevgw.south import fast_write, lean_frames
+from elevgw.south import fast_write, lean_frames, slim
 from elevgw.south.refusals import WS_PATH, PlainRefusalsProtocol
 
 _OPEN = WebSocketServerProtocol.STATE_OPEN
@@ -107,6 +107,8 @@ class DeviceProtocol(PlainRefusalsProtocol):
     #: Whether the factory offers the lean path; ``DeviceFactory`` sets both on its subclass.
     lean_frames_enabled = False
     lean_limit = lean_frames.MAX_LEAN_PAYLOAD
+    #: Whether open connections drop what the handshake left (``slim``); set by the factory.
+    slim_enabled = False
     _handshake_timer: Any = None
     _handshake_bytes = 0
     _handshake_lines = 0
@@ -141,6 +143,16 @@ class DeviceProtocol(PlainRefusalsProtocol):
             raise ConnectionDeny(status, failure.value.reason)
 
         return d.addCallbacks(admitted, refused)
+
+    def succeedHandshake(self, res):
+        super().succeedHandshake(res)
+        if self.slim_enabled and self.state == _OPEN:
+            slim.after_open(self)
+
+    def on(self, event, handler):
+        if self.slim_enabled:
+            slim.restore_events(self)
+        super().on(event, handler)
 
     def onOpen(self):
         self._stop_handshake_timer()
@@ -322,9 +334,12 @@ class DeviceFactory(WebSocketServerFactory):
         lean_path: bool = True,
         max_outbound_buffer: int = 1024 * 1024,
         handshake_timeout: float = 10.0,
+        slim_connections: bool = True,
     ) -> None:
         """``fast_writes``: frames leave at once when nothing is queued (``fast_write``);
-        ``lean_path``: small text frames skip Autobahn's per-frame work (``lean_frames``)."""
+        ``lean_path``: small text frames skip Autobahn's per-frame work (``lean_frames``);
+        ``slim_connections``: open connections keep only what they use (``slim``)."""
+        self._slim = slim_connections
         # No Server header: the device port does not say what software it runs.
         super().__init__(reactor=reactor, server=None)
         skip_debug_formatting()
@@ -356,11 +371,23 @@ class DeviceFactory(WebSocketServerFactory):
         self.protocol = type(  # type: ignore[assignment]
             "DeviceProtocol",
             (DeviceProtocol,),
-            {
-                "lean_frames_enabled": lean_path,
-                "lean_limit": lean_frames.lean_limit(self),
-            },
+            {"lean_frames_enabled": lean_path, "slim_enabled": slim_connections},
         )
+        self._publish_options()
+
+    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
+        super().setProtocolOptions(*args, **kwargs)
+        self._publish_options()
+
+    def _publish_options(self) -> None:
+        """Put the options where this factory's connections read them: its protocol class."""
+        protocol = self.__dict__.get("protocol")
+        if protocol is None:  # still in Autobahn's __init__
+            return
+        protocol.lean_limit = lean_frames.lean_limit(self)
+        if self._slim:
+            for name, value in {**slim.class_options(self), **slim.OPEN_DEFAULTS}.items():
+                setattr(protocol, name, value)
 
     def connection_gone(self, protocol: DeviceProtocol) -> None:
         self.open_connections.discard(protocol)
