@@ -64,6 +64,8 @@ class Settings:
     event_log_maxlen: int = 1_000_000
     event_log_wait: float = 2.0
     slim_connections: bool = True
+    lean_reactor: bool = True
+    storm_freeze: bool = True
 
     def oss_options(self) -> dict:
         """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""

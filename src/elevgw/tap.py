@@ -331,6 +331,22 @@ class Options(usage.Options):
             _switch,
         ],
         [
+            "lean-reactor",
+            None,
+            "on",
+            "The epoll reactor dispatches socket events without wrapping each in a logging"
+            " context (off: Twisted's dispatch).",
+            _switch,
+        ],
+        [
+            "storm-freeze",
+            None,
+            "on",
+            "Freeze the objects of a settled connect storm out of the garbage collector's full"
+            " passes; thaw and collect once a quarter of them ended (off: never).",
+            _switch,
+        ],
+        [
             "workers",
             None,
             1,
@@ -471,6 +487,9 @@ class Options(usage.Options):
             self["event-log"] = _switch(self["event-log"])
         if isinstance(self["slim-connections"], str):
             self["slim-connections"] = _switch(self["slim-connections"])
+        for name in ("lean-reactor", "storm-freeze"):
+            if isinstance(self[name], str):
+                self[name] = _switch(self[name])
         if self["node-id"] is None:
             self["node-id"] = default_node_id()
         elif self["worker-index"] is not None:
@@ -608,6 +627,8 @@ class Options(usage.Options):
             event_log_maxlen=self["event-log-maxlen"],
             event_log_wait=self["event-log-wait"],
             slim_connections=self["slim-connections"],
+            lean_reactor=self["lean-reactor"],
+            storm_freeze=self["storm-freeze"],
         )
 
     def _worker_api_endpoint(self) -> str | None:
@@ -657,6 +678,7 @@ def makeService(options: Options) -> MultiService:
     from elevgw.observe.gc_tuning import GCTuningService
     from elevgw.observe.logs import LogFilterService
     from elevgw.service import ConfigError, GatewayService
+    from elevgw.south.process import lean_services
 
     settings = options.settings()
     one_line_errors()
@@ -678,6 +700,8 @@ def makeService(options: Options) -> MultiService:
 
         ParentWatch(reactor).setServiceParent(root)
     GCTuningService(settings.gc_thresholds, gateway.metrics.gc_pauses).setServiceParent(root)
+    for service in lean_services(settings, gateway, reactor):
+        service.setServiceParent(root)
     gateway.setName("gateway")
     gateway.setServiceParent(root)
     gateway.ready.addErrback(_stop_on_start_failure, reactor)
