@@ -25,6 +25,8 @@ export function onUnauthorized(handler) {
   unauthorized = handler;
 }
 
+const DEVICE_ANSWERS = new Set(["unknown_device", "device_offline", "unknown_command"]);
+
 export class ApiError extends Error {
   constructor(status, body) {
     const detail = (body && (body.detail || body.error)) || `HTTP ${status}`;
@@ -34,9 +36,11 @@ export class ApiError extends Error {
     this.code = this.body.error || "";
   }
 
-  /** The gateway has no such route: an older gateway, or a feature not deployed yet. */
+  /** The gateway does not offer this: an older gateway, a feature not deployed yet or
+   * switched off (404 event_log_off). A 404 about the device itself is not this. */
   get missingEndpoint() {
-    return (this.status === 404 && this.code === "not_found") || this.status === 405;
+    if (this.status === 405) return true;
+    return this.status === 404 && !DEVICE_ANSWERS.has(this.code);
   }
 }
 

@@ -238,20 +238,20 @@ export function devicesPage(root, params, navigate) {
     more,
   );
 
-  function query(after) {
-    const args = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  function query(after, size) {
+    const args = new URLSearchParams({ limit: String(size || PAGE_SIZE) });
     if (search.value.trim()) args.set("q", search.value.trim());
     if (filter.value) args.set("online", filter.value);
     if (after) args.set("after", after);
     return "/api/v1/devices?" + args;
   }
 
-  async function load(after) {
+  async function load(after, size) {
     const mine = ++generation;
     more.disabled = true;
     note.textContent = "Loading…";
     try {
-      const page = await get(query(after));
+      const page = await get(query(after, size));
       if (mine !== generation) return;
       if (!after) {
         body.replaceChildren();
@@ -282,8 +282,13 @@ export function devicesPage(root, params, navigate) {
   more.addEventListener("click", () => load(next));
   load(null);
 
+  if (params.get("revoked")) {
+    root.querySelector("h1").after(h("p", { class: "good", role: "status" }, `${params.get("revoked")} is revoked.`));
+  }
+
   return {
-    refresh: () => load(null),
+    // Reloads as many devices as are shown (at most 1,000), so polling keeps "Load more"'s rows.
+    refresh: () => load(null, Math.min(1000, Math.max(PAGE_SIZE, shown))),
     onEvent(event) {
       if (!isStatusEvent(event)) return;
       const row = body.querySelector(`tr[data-device="${CSS.escape(event.device_id)}"]`);
@@ -314,6 +319,8 @@ function commandData(text) {
     return text; // plain text is sent as a JSON string
   }
 }
+
+const PENDING = new Set(["queued", "sent"]);
 
 export function devicePage(root, params, navigate, deviceId) {
   const base = `/api/v1/devices/${encodeURIComponent(deviceId)}`;
@@ -376,7 +383,7 @@ export function devicePage(root, params, navigate, deviceId) {
         h("dt", {}, "Connected since"),
         h("dd", {}, device.connected_since ? when(device.connected_since) : "–"),
         h("dt", {}, "Node"),
-        h("dd", {}, device.node || (device.online ? "this node" : "–")),
+        h("dd", {}, device.node || "–"),
         h("dt", {}, "Registered"),
         h("dd", {}, when(device.created)),
       ),
@@ -460,12 +467,31 @@ export function devicePage(root, params, navigate, deviceId) {
     }
   }
 
+  async function cancelCommand(commandId) {
+    try {
+      await call("DELETE", `${base}/commands/${encodeURIComponent(commandId)}`);
+    } catch (error) {
+      replace(sendNote, failure(error));
+    }
+    loadCommands();
+  }
+
   function commandRows(commands) {
     if (!commands.length) return h("p", { class: "muted" }, "No commands yet.");
-    return table(commands, ["id", "command", "state", "data", "result", "created", "updated"], {
-      state: (state) => h("span", { class: `state-${state}` }, state),
+    return table(commands, ["id", "command", "state", "data", "result", "created", "updated", "expires"], {
+      state: (state, row) =>
+        h(
+          "span",
+          {},
+          h("span", { class: `state-${state}` }, state),
+          PENDING.has(state)
+            ? [" ", h("button", { type: "button", class: "small", onclick: () => cancelCommand(row.id) }, "Cancel")]
+            : null,
+        ),
       created: (ms) => when(ms),
       updated: (ms) => when(ms),
+      expires: (ms) => (ms ? when(ms) : "–"),
+      collapse_key: (key) => key || "–",
     });
   }
 
