@@ -253,16 +253,27 @@ async def test_rotating_the_token_shows_the_new_one_once_and_revoking_leaves(
 @pytest_twisted.ensureDeferred
 async def test_fleet_page_shows_counts_health_and_the_chart(gateway_factory, browser, shots):
     gateway = await gateway_factory(api_key=API_KEY)
-    gateway.service.node_status.sample_every = 0.5
-    _, devices = await fleet(gateway, [f"商场{n}号" for n in range(5)], connected=3)
+    gateway.service.node_status.tick = 0.05
+    gateway.service.node_status.sample_every = 0.25  # "minutes" of a quarter second
+    registered, _ = await fleet(gateway, [f"商场{n}号" for n in range(6)], connected=0)
+    devices = []
     try:
-        await deferLater(reactor, 2.2, lambda: None)  # a few samples for the chart
+        # A morning in fast motion for the chart: devices come, one drops out, two return.
+        for step, creds in enumerate(registered + registered[:2]):
+            if step == 6:
+                await devices.pop(0).close()
+            if len(devices) < 6 and creds["device_id"] not in [d.device_id for d in devices]:
+                connection = await connect_device(
+                    gateway.ws_port, creds["device_id"], creds["token"]
+                )
+                devices.append(Firmware(connection, creds["device_id"]))
+            await deferLater(reactor, 0.3, lambda: None)
         await sign_in(browser, gateway, page="#/fleet")
         await browser.wait_text("h1", "Fleet")
         await browser.wait_text(".facts", "sqlite: answering")
         await browser.wait_text(".facts", "Reactor lag")
         await browser.wait_for("document.querySelector('svg.chart polyline')", "the online chart")
-        await browser.wait_text(".figures", "3")
+        await browser.wait_text(".figure.online .value", str(len(devices)))
         await browser.screenshot(shots / "fleet.png")
     finally:
         await close_all(devices)
@@ -281,3 +292,106 @@ async def test_console_is_usable_on_a_phone(gateway_factory, browser, shots):
     )
     assert overflow <= 0, "the page scrolls sideways on a phone"
     await browser.screenshot(shots / "devices-phone.png")
+
+
+RECORD_STREAM_STATES = """
+window.streamStates = [];
+const live = document.getElementById('live');
+new MutationObserver(() => window.streamStates.push(live.dataset.state))
+    .observe(live, {attributes: true, childList: true});
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_stream_says_so_and_resumes_without_losing_events(
+    gateway_factory, browser
+):
+    gateway = await gateway_factory(api_key=API_KEY)
+    registered, devices = await fleet(gateway, ["上海中心01号", "上海中心02号"], connected=1)
+    gone, late = registered[0]["device_id"], registered[1]["device_id"]
+    try:
+        await sign_in(browser, gateway)
+        await browser.wait_text("#live", "Live")
+        await browser.wait_text(".devices tbody", gone)
+        # An entry seen before the drop gives the console a Last-Event-ID to resume from.
+        connection = await connect_device(gateway.ws_port, late, registered[1]["token"])
+        devices.append(Firmware(connection, late))
+        await browser.wait_for(
+            f"document.querySelector('tr[data-device=\"{late}\"] .state').textContent === 'online'",
+            "the late device shown online",
+        )
+        await browser.script(RECORD_STREAM_STATES)
+        for subscription in list(gateway.service.event_log._live):
+            subscription.close("gone")  # the gateway ends the stream, as a proxy cutting it would
+        await browser.wait_for(
+            "window.streamStates.includes('disconnected')", "the header saying so", timeout=5
+        )
+        await devices[0].close()  # while the console waits to reconnect
+        await browser.wait_text("#live", "Live")
+        await browser.wait_for(
+            f"document.querySelector('tr[data-device=\"{gone}\"] .state').textContent === 'offline'",
+            "the offline event missed while disconnected, delivered on resume",
+            timeout=10,
+        )
+    finally:
+        await close_all(devices)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_dropped_before_any_event_reloads_the_page(gateway_factory, browser):
+    """Nothing to resume from: the console reloads what it shows once it is back."""
+    gateway = await gateway_factory()
+    registered, devices = await fleet(gateway, ["上海中心01号"], connected=1)
+    gone = registered[0]["device_id"]
+    try:
+        await browser.open(f"{gateway.base}/console/#/devices")
+        await browser.wait_text("#live", "Live")
+        await browser.wait_text(".devices tbody", "online")
+        for subscription in list(gateway.service.event_log._live):
+            subscription.close("gone")
+        await devices[0].close()
+        await browser.wait_for(
+            f"document.querySelector('tr[data-device=\"{gone}\"] .state').textContent === 'offline'",
+            "the device shown offline after the reload",
+            timeout=10,
+        )
+    finally:
+        await close_all(devices)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_gateway_shows_the_stream_disconnected(gateway_factory, browser):
+    gateway = await gateway_factory()
+    await browser.open(f"{gateway.base}/console/#/fleet")
+    await browser.wait_text("#live", "Live")
+    await gateway.service.stopService()
+    text = await browser.wait_text("#live", "Disconnected", timeout=10)
+    assert "retrying in" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_an_event_log_the_console_says_so_and_polls(gateway_factory, browser):
+    gateway = await gateway_factory(event_log=False)
+    registered, devices = await fleet(gateway, ["北京国贸03号"], connected=1)
+    device_id = registered[0]["device_id"]
+    try:
+        await browser.open(f"{gateway.base}/console/#/device/{device_id}")
+        await browser.wait_text("#live", "No live stream")
+        await browser.wait_text("h1 .badge", "online")
+        await browser.wait_text(".panel", "Snapshots taken here appear below.")
+    finally:
+        await close_all(devices)
+
+
+@pytest_twisted.ensureDeferred
+async def test_fleet_page_follows_devices_going_offline(gateway_factory, browser):
+    gateway = await gateway_factory()
+    _, devices = await fleet(gateway, [f"商场{n}号" for n in range(3)], connected=3)
+    try:
+        await browser.open(f"{gateway.base}/console/#/fleet")
+        await browser.wait_text("#live", "Live")
+        await browser.wait_text(".figure.online .value", "3")
+        await devices[2].close()
+        await browser.wait_text(".figure.online .value", "2", timeout=10)
+    finally:
+        await close_all(devices[:2])

@@ -101,7 +101,9 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
  * onEvent(event) gets each entry (the JSON of its data, with its cursor); onState(state,
  * detail) hears "connecting", "live", "disconnected" (detail: seconds to the next try) and
  * "unavailable" (the gateway has no stream). It reconnects with backoff and resumes from the
- * last entry it saw with Last-Event-ID, so nothing is missed across a reconnect.
+ * last entry it saw with Last-Event-ID, so nothing is missed across a reconnect. A stream
+ * that dropped before it delivered any entry has nothing to resume from: "live" then comes
+ * with detail "gap", and the page should reload what it shows.
  */
 export class EventStream {
   constructor(onEvent, onState) {
@@ -125,6 +127,7 @@ export class EventStream {
 
   async run() {
     let delay = 1000;
+    let first = true;
     while (!this.stopped) {
       this.controller = new AbortController();
       const extra = { Accept: "text/event-stream" };
@@ -148,7 +151,8 @@ export class EventStream {
           return;
         }
         if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
-        this.onState("live");
+        this.onState("live", !first && !this.lastId ? "gap" : "");
+        first = false;
         delay = 1000;
         await this.read(response.body);
       } catch (error) {

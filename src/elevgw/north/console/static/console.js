@@ -28,6 +28,7 @@ function showStreamState(state, detail) {
   clearInterval(poll);
   poll = null;
   if (state === "unavailable") poll = setInterval(() => page && page.refresh(), 15000);
+  if (state === "live" && detail === "gap" && page) page.refresh();
 }
 
 function navigate(hash, options = {}) {

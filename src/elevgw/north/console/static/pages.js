@@ -53,7 +53,8 @@ function section(title, ...children) {
 }
 
 function figure(label, value, className) {
-  return h("div", { class: "figure " + (className || "") }, h("div", { class: "value" }, value), h("div", { class: "label" }, label));
+  const words = label.charAt(0).toUpperCase() + label.slice(1);
+  return h("div", { class: "figure " + (className || "") }, h("div", { class: "value" }, value), h("div", { class: "label" }, words));
 }
 
 // -- fleet

@@ -8,9 +8,12 @@ const HEIGHT = 160;
 const LEFT = 44;
 const BOTTOM = 20;
 
-function clock(ms) {
+/** Time of day; to the second when the chart spans less than ten minutes. */
+function clock(ms, span) {
   const date = new Date(ms);
-  return `${String(date.getHours()).padStart(2, "0")}:${String(date.getMinutes()).padStart(2, "0")}`;
+  const pad = (n) => String(n).padStart(2, "0");
+  const text = `${pad(date.getHours())}:${pad(date.getMinutes())}`;
+  return span < 600000 ? `${text}:${pad(date.getSeconds())}` : text;
 }
 
 function frame(label, samples, top) {
@@ -21,8 +24,8 @@ function frame(label, samples, top) {
     svg("line", { x1: LEFT, y1: 4, x2: LEFT, y2: HEIGHT - BOTTOM, class: "axis" }),
     text(LEFT - 6, 12, String(top), "end"),
     text(LEFT - 6, HEIGHT - BOTTOM, "0", "end"),
-    text(LEFT, HEIGHT - 4, clock(first), "start"),
-    text(WIDTH, HEIGHT - 4, clock(last), "end"),
+    text(LEFT, HEIGHT - 4, clock(first, last - first), "start"),
+    text(WIDTH, HEIGHT - 4, clock(last, last - first), "end"),
     svg("title", {}, label),
   ];
 }
@@ -86,8 +89,8 @@ export function churnChart(samples) {
     svg("line", { x1: LEFT, y1: middle, x2: WIDTH, y2: middle, class: "axis" }),
     text(LEFT - 6, 12, `+${top}`, "end"),
     text(LEFT - 6, HEIGHT - BOTTOM, `-${top}`, "end"),
-    text(LEFT, HEIGHT - 4, clock(first), "start"),
-    text(WIDTH, HEIGHT - 4, clock(last), "end"),
+    text(LEFT, HEIGHT - 4, clock(first, last - first), "start"),
+    text(WIDTH, HEIGHT - 4, clock(last, last - first), "end"),
     ...bars,
   );
 }
