@@ -125,3 +125,32 @@ async def test_redis_lost_mid_run_is_logged_once_and_its_recovery_with_the_outag
     assert recovered["log_level"] == LogLevel.info and recovered["seconds"] > 0
     assert recovered["failures"] >= 3
     assert not collected(events, "store_still_lost")
+
+
+@pytest.mark.parametrize("level, kept", [(LogLevel.info, False), (LogLevel.debug, True)])
+def test_reconnect_attempts_of_clientservice_are_left_to_the_store_lines(level, kept):
+    """txredisapi reconnects through Twisted's ``ClientService``, which writes a line per
+    attempt; above debug the filter drops them (the store lines say it once)."""
+    from twisted.application.internet import ClientService
+    from twisted.internet.protocol import Factory
+    from twisted.logger import globalLogPublisher
+
+    from elevgw.observe.logs import GatewayLogFilter
+
+    class Unreachable:
+        def connect(self, factory):
+            return fail(ConnectionRefusedError("nobody there"))
+
+    seen: list = []
+    observer = GatewayLogFilter(seen.append, level, "node-1")
+    clock = Clock()
+    service = ClientService(Unreachable(), Factory(), clock=clock)
+    globalLogPublisher.addObserver(observer)
+    try:
+        service.startService()
+        clock.advance(1)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        service.stopService()
+    retries = [e for e in seen if "Scheduling retry" in str(e.get("log_format", ""))]
+    assert bool(retries) is kept

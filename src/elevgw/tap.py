@@ -561,6 +561,23 @@ class Options(usage.Options):
                 from_spec(snapshots.url, os.environ, None, **self.settings().oss_options())
             except ValueError as e:
                 raise usage.UsageError(str(e))
+        else:
+            self._check_snapshot_folder(snapshots.folder)
+
+    def _check_snapshot_folder(self, folder: str) -> None:
+        """The file store creates its folder (and any missing parents) when it starts: the
+        nearest folder that exists must let this user do so."""
+        where = "{} file:{}".format(self.source("snapshots"), folder)
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise usage.UsageError(f"{where}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise usage.UsageError(
+                f"{where}: folder {existing} is not writable by this user; fix its permissions "
+                "or choose another folder"
+            )
 
     def _check_sqlite_path(self, path: str) -> None:
         """SQLite creates the file but not its folder; say so now rather than fail later

@@ -20,6 +20,13 @@ from zope.interface import implementer
 from elevgw.untrusted import LOG_FIELD_CHARS, loggable
 from elevgw.util import to_ms
 
+#: Library lines dropped above debug level because the gateway says the same better: Twisted's
+#: ``ClientService`` writes one per attempt to reach Redis again (every few seconds while it is
+#: down), where ``store_lost`` / ``store_still_lost`` / ``store_recovered`` say it once.
+REPEATED_FORMATS = frozenset(
+    {"Scheduling retry {attempt} to connect {endpoint} in {delay} seconds."}
+)
+
 
 @implementer(ILogObserver)
 class GatewayLogFilter:
@@ -42,6 +49,8 @@ class GatewayLogFilter:
     def __call__(self, event: dict) -> None:
         level = event.get("log_level")
         if level is not None and level < self.level:
+            return
+        if self.level > LogLevel.debug and event.get("log_format") in REPEATED_FORMATS:
             return
         event.setdefault("node", self.node_id)
         for name, value in event.items():
