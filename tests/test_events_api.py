@@ -270,3 +270,68 @@ async def test_a_client_that_leaves_is_unsubscribed(gateway_factory):
     await eventually(lambda: clients._value.get() == 1)
     reader.transport.stopProducing()  # the client closes its connection
     await eventually(lambda: clients._value.get() == 0)
+
+
+# Health
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_health_counts_the_sessions_it_saw(gateway):
+    device_id = await cycle(gateway, times=2)
+    creds_device = device_id
+    await events_until(gateway, 4)
+    status, report = await gateway.call("GET", f"/api/v1/devices/{creds_device}/health")
+    assert status == 200, report
+    assert report["device_id"] == device_id
+    assert report["connects"] == 2
+    assert report["disconnects"] == {"closed": 2}
+    assert report["flaps"] == 2  # both sessions lasted well under a minute
+    assert report["online"] is False and report["node"] is None
+    assert report["last_disconnect"]["reason"] == "closed"
+    assert 0.0 <= report["online_pct_24h"] <= 100.0
+    assert isinstance(report["last_seen"], int)
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_of_an_unknown_device_is_404(gateway):
+    status, body = await gateway.call("GET", "/api/v1/devices/dev_nobody/health")
+    assert (status, body["error"]) == (404, "unknown_device")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fleet_health_counts_states_and_lists_flappers_and_silent_devices(gateway):
+    flapper = await cycle(gateway, times=3)
+    await gateway.register()  # never connects
+    online = await gateway.register()
+    device = await connect_device(gateway.ws_port, online["device_id"], online["token"])
+    await device.request({"type": "heartbeat"})
+    await events_until(gateway, 7)
+    status, body = await gateway.call("GET", "/api/v1/fleet/health?silent_after=0.001")
+    assert status == 200, body
+    assert body["counts"] == {
+        "devices": 3,
+        "online": 1,
+        "offline": 2,
+        "never_connected": 1,
+        "silent": 1,
+        "flapping": 1,
+    }
+    assert body["top_flapping"] == [{"device_id": flapper, "flaps_24h": 3}]
+    assert [d["device_id"] for d in body["silent"]] == [flapper]
+    status, body = await gateway.call("GET", "/api/v1/fleet/health")
+    assert body["counts"]["silent"] == 0 and body["silent_after"] == 86400.0
+    await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fleet_health_refuses_a_bad_silent_after(gateway):
+    status, body = await gateway.call("GET", "/api/v1/fleet/health?silent_after=-1")
+    assert (status, body["error"]) == (400, "bad_silent_after")
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_is_kept_with_the_event_log_off(gateway_factory):
+    gateway = await gateway_factory(event_log=False)
+    device_id = await cycle(gateway)
+    status, report = await gateway.call("GET", f"/api/v1/devices/{device_id}/health")
+    assert report["connects"] == 1

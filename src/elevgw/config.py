@@ -66,6 +66,8 @@ class Settings:
     slim_connections: bool = True
     lean_reactor: bool = True
     storm_freeze: bool = True
+    flap_threshold: float = 60.0
+    silent_after: float = 86400.0
 
     def oss_options(self) -> dict:
         """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""

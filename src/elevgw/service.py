@@ -29,7 +29,8 @@ from elevgw.config import Settings
 from elevgw.core.gateway import Gateway
 from elevgw.core.sessions import CLOSE_GOING_AWAY
 from elevgw.events import model as events
-from elevgw.events.log import EventLog, EventLogMetrics
+from elevgw.events.health import HealthTracker
+from elevgw.events.log import EventLog, EventLogMetrics, ObservingSink
 from elevgw.events.webhooks import WebhookSink
 from elevgw.listener import Listener
 from elevgw.north.api import APISite, DeviceAPI
@@ -136,9 +137,12 @@ class GatewayService(MultiService):
         self.store = MeasuredStore(store, self.metrics, reactor, self.store_health)
         self.snapshots = snapshots or self._make_snapshot_store(settings.snapshots, threadpool)
         self.webhooks: events.IEventSink = event_sink or self._make_event_sink(settings)
+        self.device_health = HealthTracker(reactor, flap_threshold=settings.flap_threshold)
         #: The event log (``None`` with ``--event-log off``); it forwards to the webhooks.
         self.event_log = self._make_event_log(settings, self.webhooks)
-        self.event_sink: events.IEventSink = self.event_log or self.webhooks
+        self.event_sink: events.IEventSink = self.event_log or ObservingSink(
+            self.webhooks, [self.device_health]
+        )
         self.gateway = Gateway(
             self.store,
             self.snapshots,
@@ -195,6 +199,8 @@ class GatewayService(MultiService):
         if self.event_log is not None:
             self.event_log.setServiceParent(self)
             self.api.event_log = self.event_log
+        self.api.device_health = self.device_health
+        self.api.silent_after = settings.silent_after
         sweep = TimerService(settings.sweep_interval, self._run_sweep)
         sweep.clock = reactor
         sweep.setServiceParent(self)
@@ -265,6 +271,7 @@ class GatewayService(MultiService):
             log,
             self.reactor,
             forward,
+            observers=[self.device_health],
             max_age=settings.event_log_max_age,
             max_entries=settings.event_log_maxlen,
             forward_after=settings.event_log_wait,

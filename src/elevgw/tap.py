@@ -397,6 +397,20 @@ class Options(usage.Options):
             "Seconds a webhook waits for its event-log cursor before it goes without one.",
             _positive_float,
         ],
+        [
+            "flap-threshold",
+            None,
+            60.0,
+            "Sessions shorter than this many seconds count as flaps in device health.",
+            _positive_float,
+        ],
+        [
+            "silent-after",
+            None,
+            86400.0,
+            "Seconds offline after which GET /api/v1/fleet/health lists a device as silent.",
+            _positive_float,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -646,6 +660,8 @@ class Options(usage.Options):
             slim_connections=self["slim-connections"],
             lean_reactor=self["lean-reactor"],
             storm_freeze=self["storm-freeze"],
+            flap_threshold=self["flap-threshold"],
+            silent_after=self["silent-after"],
         )
 
     def _worker_api_endpoint(self) -> str | None:

@@ -647,8 +647,34 @@ __all__ = [
     "BadCursor",
     "EventLog",
     "EventLogMetrics",
+    "ObservingSink",
     "Subscription",
     "event_record",
     "event_type",
     "record_json",
 ]
+
+
+@implementer(IEventSink)
+class ObservingSink:
+    """The sink when the event log is off: observers see each event, then ``forward`` does."""
+
+    log = Logger()
+
+    def __init__(self, forward: IEventSink, observers: Iterable[Callable[[Any], object]]) -> None:
+        self.forward = forward
+        self.observers = list(observers)
+
+    def emit(self, event: Any) -> None:
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:
+                self.log.failure("event observer failed on {event!r}", event=event)
+        self.forward.emit(event)
+
+    def drain(self, timeout: float) -> Deferred:
+        return self.forward.drain(timeout)
+
+    def stop(self) -> Deferred:
+        return self.forward.stop()

@@ -1,8 +1,10 @@
-"""Routes of fleet history: the event log (replay and a live Server-Sent Events stream).
+"""Routes of fleet history: the event log (replay and a live Server-Sent Events stream) and
+the health of devices and of the fleet.
 
 ``GET /api/v1/events`` pages through the log, oldest first; ``GET /api/v1/events/stream``
 sends the same entries as Server-Sent Events as they are appended, each with ``id:`` = its
-cursor, resuming after ``Last-Event-ID``.
+cursor, resuming after ``Last-Event-ID``. ``GET /api/v1/devices/{id}/health`` and
+``GET /api/v1/fleet/health`` report what ``elevgw.events.health`` keeps.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from elevgw.events.health import HealthTracker
 from elevgw.events.log import MAX_READ, EventLog, Subscription, record_json
-from elevgw.north.base import APIBase, app, int_arg
+from elevgw.north.base import APIBase, app, float_arg, int_arg
 from elevgw.north.errors import ApiError, register
 from elevgw.stores.interfaces import BadCursor, EventRecord
-from elevgw.util import dumps_json
+from elevgw.util import dumps_json, to_ms
 
 #: Seconds between keep-alive comments on an idle event stream (proxies cut idle streams).
 KEEPALIVE_INTERVAL = 15.0
@@ -27,6 +30,7 @@ KEEPALIVE_INTERVAL = 15.0
 STREAM_MAX_BUFFERED = 10_000
 
 _MAX_FILTER = 200
+_MAX_SILENT_AFTER = 365 * 86400.0
 
 register(BadCursor, lambda e: ApiError(400, "bad_cursor", str(e)))
 
@@ -144,6 +148,10 @@ class _EventStream:
 class EventRoutes(APIBase):
     #: The event log, or ``None`` when it is off; set by the service.
     event_log: EventLog | None = None
+    #: Health per device; set by the service.
+    device_health: HealthTracker | None = None
+    #: Default of ``GET /api/v1/fleet/health?silent_after=`` (``--silent-after``), seconds.
+    silent_after = 86400.0
     keepalive_interval = KEEPALIVE_INTERVAL
 
     def _events(self) -> EventLog:
@@ -184,3 +192,75 @@ class EventRoutes(APIBase):
         stream = _EventStream(request, events, self.keepalive_interval)
         stream.start(after, device_id, type)
         return stream.finished
+
+    def _tracker(self) -> HealthTracker:
+        if self.device_health is None:
+            raise ApiError(404, "not_found", "device health is not kept on this gateway")
+        return self.device_health
+
+    @app.route("/api/v1/devices/<device_id>/health", methods=["GET"])
+    async def device_health_report(self, request: Any, device_id: str) -> bytes:
+        """What this node saw of the device, with its presence now (from any node)."""
+        self._authorize(request)
+        tracker = self._tracker()
+        device = await self.store.get_device(device_id)
+        if device is None:
+            raise ApiError(404, "unknown_device", f"no device {device_id}")
+        holder = await self.presence.holder(device_id)
+        report = tracker.report(device_id)
+        report["online"] = holder is not None
+        report["node"] = holder.node_id if holder is not None else None
+        last_seen = device.last_seen
+        if holder is not None and holder.last_active is not None:
+            last_seen = holder.last_active
+        report["last_seen"] = to_ms(last_seen)
+        return self._json(request, report)
+
+    @app.route("/api/v1/fleet/health", methods=["GET"])
+    async def fleet_health(self, request: Any) -> bytes:
+        """Counts by state, the devices flapping most in the last 24 hours, and the offline
+        devices silent for longer than ``silent_after`` seconds (oldest first)."""
+        self._authorize(request)
+        tracker = self._tracker()
+        limit = int_arg(request, b"limit", 20, 1, 1000)
+        silent_after = float_arg(request, b"silent_after", self.silent_after, _MAX_SILENT_AFTER)
+        devices = await self.store.list_devices()
+        holders = await self.presence.holders([d.device_id for d in devices])
+        now = tracker.clock.seconds()
+        silent_before = now - silent_after
+        never = 0
+        silent = []
+        for device in devices:
+            if device.device_id in holders:
+                continue
+            if device.last_seen is None:
+                never += 1
+            elif device.last_seen < silent_before:
+                silent.append(device)
+        silent.sort(key=lambda d: (d.last_seen, d.device_id))
+        flapping = tracker.top_flapping(len(devices) or 1)
+        return self._json(
+            request,
+            {
+                "counts": {
+                    "devices": len(devices),
+                    "online": len(holders),
+                    "offline": len(devices) - len(holders),
+                    "never_connected": never,
+                    "silent": len(silent),
+                    "flapping": len(flapping),
+                },
+                "top_flapping": flapping[:limit],
+                "silent": [
+                    {
+                        "device_id": d.device_id,
+                        "location": d.location,
+                        "last_seen": to_ms(d.last_seen),
+                    }
+                    for d in silent[:limit]
+                ],
+                "silent_after": silent_after,
+                "flap_threshold": tracker.flap_threshold,
+                "observed_since": to_ms(tracker.started),
+            },
+        )
