@@ -335,3 +335,16 @@ async def test_health_is_kept_with_the_event_log_off(gateway_factory):
     device_id = await cycle(gateway)
     status, report = await gateway.call("GET", f"/api/v1/devices/{device_id}/health")
     assert report["connects"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_status_page_reports_the_webhook_backlog_behind_the_event_log(
+    backend,  # noqa: F811
+    gateway_factory,
+):
+    gateway = await gateway_factory(backend_url=backend.url)
+    await cycle(gateway)
+    await within(backend.wait_for_requests(2))
+    status, report = await gateway.call("GET", "/api/v1/status")
+    assert status == 200, report
+    assert report["webhooks"] is not None and report["webhooks"]["delivered"] == 2

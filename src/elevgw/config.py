@@ -68,6 +68,7 @@ class Settings:
     storm_freeze: bool = True
     flap_threshold: float = 60.0
     silent_after: float = 86400.0
+    stall_threshold: float = 1.0
 
     def oss_options(self) -> dict:
         """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""

@@ -38,6 +38,7 @@ from elevgw.north.base import APIDeps
 from elevgw.observe.metrics import MeasuredStore, Metrics
 from elevgw.observe.status import NodeStatus
 from elevgw.observe.store_health import StoreHealth, StoreProbe
+from elevgw.observe.watchdog import ReactorWatchdog
 from elevgw.presence.local import LocalPresence
 from elevgw.snapshots.files import FileSnapshotStore
 from elevgw.snapshots.interfaces import ISnapshotStore
@@ -171,7 +172,7 @@ class GatewayService(MultiService):
         self.node_status = NodeStatus(
             self.store,
             self.metrics,
-            self.event_sink,
+            self.webhooks,
             settings.node_id,
             reactor,
             sessions=self.gateway.registry.__len__,
@@ -192,6 +193,12 @@ class GatewayService(MultiService):
             )
         )
 
+        self.watchdog = ReactorWatchdog(
+            reactor, stall_threshold=settings.stall_threshold, registry=self.metrics.registry
+        )
+        self.gateway.registry.stalled = self.watchdog.stalled_between
+
+        self.watchdog.setServiceParent(self)
         ThreadPoolService(threadpool).setServiceParent(self)
         self._add_resource(self.store)
         self._add_resource(self.snapshots)

@@ -411,6 +411,14 @@ class Options(usage.Options):
             "Seconds offline after which GET /api/v1/fleet/health lists a device as silent.",
             _positive_float,
         ],
+        [
+            "stall-threshold",
+            None,
+            1.0,
+            "Seconds the reactor may run late before it counts as a stall (logged; device"
+            " liveness deadlines are extended by it).",
+            _positive_float,
+        ],
     ]
 
     optFlags: list[list[Any]] = [
@@ -662,6 +670,7 @@ class Options(usage.Options):
             storm_freeze=self["storm-freeze"],
             flap_threshold=self["flap-threshold"],
             silent_after=self["silent-after"],
+            stall_threshold=self["stall-threshold"],
         )
 
     def _worker_api_endpoint(self) -> str | None:

@@ -9,6 +9,7 @@ protocol provides and unit tests fake.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.logger import Logger
@@ -97,6 +98,9 @@ class SessionRegistry:
         self._sessions: dict[str, DeviceSession] = {}
         self.takeovers = 0
         self.on_session_ended: list[Any] = []
+        #: ``stalled(start, end)``: seconds of that span the reactor stood still (set by the
+        #: service from ``elevgw.observe.watchdog``); ``None``: every second counts.
+        self.stalled: Callable[[float, float], float] | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -191,15 +195,24 @@ class SessionRegistry:
         ``LAST_SEEN_EVERY`` seconds it also hands the store every live session's
         ``last_seen`` in one batch, so a crash loses at most that much of it (a session that
         ends writes its own at once). One failing session never stops the sweep for the others.
+
+        Time this gateway spent stalled (``stalled(start, end)``, the reactor watchdog's
+        answer) is not counted as a device's silence: a pause of the gateway's own must not
+        send the fleet offline.
         """
         now = self._clock.seconds()
-        deadline = now - self.heartbeat_timeout
+        timeout = self.heartbeat_timeout
+        deadline = now - timeout
+        stalled = self.stalled
         expired = 0
         write_seen = now >= self._next_last_seen_write
         seen = {}
         for session in list(self._sessions.values()):
             try:
-                if session.last_active < deadline:
+                last_active = session.last_active
+                if last_active < deadline and (
+                    stalled is None or now - last_active - stalled(last_active, now) > timeout
+                ):
                     self.end(session, events.OFFLINE_TIMEOUT, CLOSE_TIMEOUT)
                     expired += 1
                 elif write_seen:
