@@ -266,14 +266,14 @@ def provision_sqlite(db_path: str, creds: list[tuple[str, str]]) -> int:
 
 def provision_api(api_url: str, count: int, concurrency: int, timeout: float) -> list:
     """Register ``count`` devices through ``POST /api/v1/devices/register`` (treq, bounded)."""
-    import treq
+    from treq.client import HTTPClient
     from twisted.internet import defer, reactor
     from twisted.web.client import Agent, HTTPConnectionPool
 
     check_loopback_url(api_url)
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = concurrency
-    client = treq.HTTPClient(Agent(reactor, pool=pool))
+    client = HTTPClient(Agent(reactor, pool=pool))
     semaphore = defer.DeferredSemaphore(concurrency)
     headers = {"Content-Type": ["application/json"]}
     api_key = os.environ.get("ELEVGW_API_KEY")
