@@ -362,3 +362,18 @@ def test_forwarded_events_are_logged_events():
     log.emit(online())
     clock.advance(0)
     assert isinstance(sink.events[0], LoggedEvent)
+
+
+def test_a_store_that_cannot_start_is_one_line_without_a_traceback():
+    from twisted.internet.defer import fail
+    from twisted.logger import capturedLogs
+
+    from elevgw.stores.interfaces import StoreUnavailable
+
+    clock, store, _, log, _ = make()
+    store.start = lambda: fail(StoreUnavailable("sqlite: file is not a database"))
+    with capturedLogs() as events:
+        log.startService()
+    [line] = [e for e in events if e.get("log_namespace", "").startswith("elevgw")]
+    assert "log_failure" not in line and line["error"] == "sqlite: file is not a database"
+    log.stopService()

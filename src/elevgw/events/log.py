@@ -36,7 +36,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from elevgw.events.model import DeviceStatus, IEventSink, LoggedEvent, SnapshotReady
-from elevgw.stores.interfaces import BadCursor, EventPage, EventRecord, IEventLog
+from elevgw.stores.interfaces import (
+    BadCursor,
+    EventPage,
+    EventRecord,
+    IEventLog,
+    StoreUnavailable,
+)
 
 #: The ``type`` of each event class in the log (and the ``type`` filter's values).
 EVENT_TYPES: dict[type, str] = {DeviceStatus: "status", SnapshotReady: "snapshot"}
@@ -236,9 +242,15 @@ class EventLog(Service):
                     lambda f: self.log.failure("event log trimming stopped", f)
                 )
 
-        started.addCallbacks(
-            trim_from_now_on, lambda f: self.log.failure("starting the event log failed", f)
-        )
+        def start_failed(failure: Failure) -> None:
+            if failure.check(StoreUnavailable):  # expected trouble: one line, no traceback
+                self.log.error(
+                    "the event log could not start: {error}", error=failure.getErrorMessage()
+                )
+            else:
+                self.log.failure("starting the event log failed", failure)
+
+        started.addCallbacks(trim_from_now_on, start_failed)
 
     def stopService(self) -> Deferred:
         super().stopService()
