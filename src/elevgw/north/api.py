@@ -18,9 +18,10 @@ from elevgw.north.console.routes import ConsoleRoutes
 from elevgw.north.devices import DeviceRoutes
 from elevgw.north.events import EventRoutes
 from elevgw.north.limits import APIChannel, LimitedRequest, WaitingCalls
+from elevgw.north.openapi import OpenAPIRoutes
 
 
-class DeviceAPI(DeviceRoutes, CommandRoutes, ConsoleRoutes, EventRoutes):
+class DeviceAPI(DeviceRoutes, CommandRoutes, ConsoleRoutes, EventRoutes, OpenAPIRoutes):
     """Every route. A new route group is a mixin of ``elevgw.north.base.APIBase`` added here."""
 
     def __init__(self, deps: APIDeps) -> None:

@@ -104,6 +104,9 @@ class APIBase:
     @app.handle_errors(Exception)
     def _handle_error(self, request: Any, failure: Failure) -> bytes:
         error = error_for(failure.value) if failure.value is not None else None
+        allowed = getattr(failure.value, "valid_methods", None)
+        if allowed:  # a 405 says what the path takes (RFC 9110)
+            request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
         if error is None:
             self.log.failure(
                 "API request {method} {path} failed",
