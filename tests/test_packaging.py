@@ -1,6 +1,7 @@
 """What ships besides the code: the licence, the changelog, the systemd unit."""
 
 import configparser
+import re
 import shlex
 import shutil
 import subprocess
@@ -82,3 +83,35 @@ def test_every_file_under_src_ships_in_the_package(monkeypatch):
     }
     assert present - shipped == set()
     assert "twisted/plugins/elevgw_plugin.py" in shipped
+
+
+#: What a document of this project must not lean on: files outside the repository, an
+#: issue tracker's numbering, the design documents the project was built from.
+OUTSIDE_REFERENCES = re.compile(
+    r"\bSPEC\b|SPEC\.md|FIELD-NOTES|[Ff]ield notes|\.\./shared|\b[Tt]he seed\b|seed's"
+    r"|\bits issue\b|\b[Ii]ssue[ -]?#?\d"
+)
+
+
+def test_docs_code_and_comments_stand_alone():
+    """A reader of a fresh clone can follow every reference: none points outside the repo."""
+    found = []
+    for top in ("README.rst", "CHANGELOG.rst", "docs", "src", "mock", "tests", "bench", "contrib"):
+        for path in [ROOT / top] if (ROOT / top).is_file() else (ROOT / top).rglob("*"):
+            if not path.is_file() or path.suffix not in {
+                ".py",
+                ".rst",
+                ".yml",
+                ".service",
+                ".js",
+                ".html",
+                ".md",
+                "",
+            }:
+                continue
+            if path == Path(__file__).resolve():
+                continue
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if OUTSIDE_REFERENCES.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert found == []
