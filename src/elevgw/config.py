@@ -69,6 +69,8 @@ class Settings:
     flap_threshold: float = 60.0
     silent_after: float = 86400.0
     stall_threshold: float = 1.0
+    cluster_lease: float = 10.0
+    bus_probe_interval: float = 2.0
 
     def oss_options(self) -> dict:
         """Keyword arguments for ``elevgw.snapshots.oss.from_spec``."""

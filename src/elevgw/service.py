@@ -39,6 +39,7 @@ from elevgw.observe.metrics import MeasuredStore, Metrics
 from elevgw.observe.status import NodeStatus
 from elevgw.observe.store_health import StoreHealth, StoreProbe
 from elevgw.observe.watchdog import ReactorWatchdog
+from elevgw.presence.interfaces import IPresence
 from elevgw.presence.local import LocalPresence
 from elevgw.snapshots.files import FileSnapshotStore
 from elevgw.snapshots.interfaces import ISnapshotStore
@@ -134,6 +135,7 @@ class GatewayService(MultiService):
         threadpool = ThreadPool(minthreads=1, maxthreads=4, name="elevgw-files")
         if store is None:
             store = make_store(settings, reactor)
+        raw_store = store
         self.store_health = StoreHealth(store.name, reactor)
         self.store = MeasuredStore(store, self.metrics, reactor, self.store_health)
         self.snapshots = snapshots or self._make_snapshot_store(settings.snapshots, threadpool)
@@ -158,7 +160,12 @@ class GatewayService(MultiService):
             max_pending_writes=settings.max_pending_writes,
             max_sessions=settings.max_sessions,
         )
-        self.presence = LocalPresence(self.gateway.registry, settings.node_id)
+        self.cluster = self._make_cluster(raw_store)
+        self.presence: IPresence = (
+            self.cluster.presence
+            if self.cluster is not None
+            else LocalPresence(self.gateway.registry, settings.node_id)
+        )
         self.device_factory = DeviceFactory(
             self.gateway,
             settings.max_message_size,
@@ -181,7 +188,9 @@ class GatewayService(MultiService):
             APIDeps(
                 store=self.store,
                 presence=self.presence,
-                commands=self.gateway.commands,
+                commands=self.cluster.commands
+                if self.cluster is not None
+                else self.gateway.commands,
                 snapshots=self.snapshots,
                 metrics=self.metrics,
                 node_id=settings.node_id,
@@ -208,6 +217,14 @@ class GatewayService(MultiService):
             self.api.event_log = self.event_log
         self.api.device_health = self.device_health
         self.api.silent_after = settings.silent_after
+        if self.cluster is not None:
+            self.cluster.setServiceParent(self)
+            self.gateway.admitting = self.cluster.holding
+            # Ready once the node holds its lease, or after the store's timeout (Redis
+            # down: the node answers 503 and takes its lease once Redis is back).
+            self._starting.append(
+                within(self.cluster.when_held(), settings.store_timeout, reactor)
+            )
         sweep = TimerService(settings.sweep_interval, self._run_sweep)
         sweep.clock = reactor
         sweep.setServiceParent(self)
@@ -230,6 +247,27 @@ class GatewayService(MultiService):
                 reactor, settings.worker_api_endpoint, site, "--worker-api-port"
             ).setServiceParent(self)
         self.ws_listener.setServiceParent(self)
+
+    def _make_cluster(self, raw_store: Any) -> Any:
+        """Nodes on a Redis store form a cluster; SQLite is one node."""
+        if getattr(raw_store, "name", None) != "redis":
+            return None
+        from elevgw.cluster.node import ClusterNode
+        from elevgw.cluster.redis_calls import StoreCalls
+
+        return ClusterNode(
+            StoreCalls(raw_store),
+            raw_store.address,
+            self.settings.redis_prefix,
+            self.settings.node_id,
+            self.gateway.registry,
+            self.gateway.commands,
+            self.event_sink,
+            self.reactor,
+            self.metrics.registry,
+            lease=self.settings.cluster_lease,
+            probe_every=self.settings.bus_probe_interval,
+        )
 
     def _add_resource(self, resource: Any) -> None:
         service = ResourceService(resource, self._start_failed)
@@ -328,6 +366,10 @@ class GatewayService(MultiService):
         except Exception as e:
             report["status"] = "unavailable"
             report["store"] = str(e)
+        if self.cluster is not None:
+            report["cluster"] = cluster = self.cluster.health()
+            if not cluster.pop("ok"):
+                report["status"] = "unavailable"
         return report
 
     def startService(self) -> None:
@@ -369,6 +411,10 @@ class GatewayService(MultiService):
         deadline = self.reactor.seconds() + self.settings.drain_timeout
         await within(closing, self.settings.drain_timeout / 2, self.reactor)
         self.device_factory.abort_all()
+        if self.cluster is not None:
+            remaining = max(0.0, deadline - self.reactor.seconds())
+            await within(self.cluster.settle(), remaining, self.reactor)
+            await within(self.cluster.retire(), remaining, self.reactor)
         remaining = max(0.0, deadline - self.reactor.seconds())
         await within(self.gateway.last_seen_written(), remaining, self.reactor)
         remaining = max(0.0, deadline - self.reactor.seconds())

@@ -300,6 +300,21 @@ class Options(usage.Options):
             _log_level,
         ],
         [
+            "cluster-lease",
+            None,
+            10.0,
+            "Redis store: seconds a node's lease lasts; a dead node's devices go offline"
+            " this long after it died.",
+            _positive_float,
+        ],
+        [
+            "bus-probe-interval",
+            None,
+            2.0,
+            "Redis store: seconds between probes of the node's own inbox.",
+            _positive_float,
+        ],
+        [
             "gc-thresholds",
             None,
             "50000,20,100",
@@ -671,6 +686,8 @@ class Options(usage.Options):
             flap_threshold=self["flap-threshold"],
             silent_after=self["silent-after"],
             stall_threshold=self["stall-threshold"],
+            cluster_lease=self["cluster-lease"],
+            bus_probe_interval=self["bus-probe-interval"],
         )
 
     def _worker_api_endpoint(self) -> str | None:

@@ -66,6 +66,8 @@ class Gateway:
         self._pending_seen: dict[str, float] = {}
         self._seen_writes: set[Deferred] = set()
         self._pending_handshakes = 0
+        #: Whether this node may take devices now (a cluster node: while it holds its lease).
+        self.admitting: Any = lambda: True
         self.metrics = metrics = metrics if metrics is not None else Metrics(node_id)
         self.store = store
         self.snapshots = snapshots
@@ -103,6 +105,8 @@ class Gateway:
         ):
             self.metrics.limit_hit("sessions")
             return fail(HandshakeRefused(503, "gateway full, retry later"))
+        if not self.admitting():
+            return fail(HandshakeRefused(503, "node not holding devices now, retry later"))
         self._pending_handshakes += 1
         d = self.store.get_device(device_id)
 

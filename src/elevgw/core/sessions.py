@@ -68,6 +68,26 @@ class DeviceSession:
         self.connection.send_frame(data)
 
 
+class LocalAnnouncer:
+    """Emits a session's online and offline events at once: on one node the registry is the
+    whole truth. A cluster replaces it (``elevgw.cluster.lifecycle``) with one that first
+    settles in Redis whether the device moved, and emits only what that says."""
+
+    def __init__(self, event_sink: events.IEventSink, clock: Any) -> None:
+        self._events = event_sink
+        self._clock = clock
+
+    def online(self, session: DeviceSession, reason: str, previous: DeviceSession | None) -> None:
+        self._events.emit(
+            events.DeviceStatus(session.device_id, "online", reason, clock_ms(self._clock))
+        )
+
+    def offline(self, session: DeviceSession, reason: str) -> None:
+        self._events.emit(
+            events.DeviceStatus(session.device_id, "offline", reason, clock_ms(self._clock))
+        )
+
+
 class SessionRegistry:
     """The sessions of this node, keyed by device id.
 
@@ -91,7 +111,6 @@ class SessionRegistry:
         self.lifecycle_lines = LineBudget(
             clock, lifecycle_lines_per_second, self.log, "device online/offline"
         )
-        self._events = event_sink
         self.heartbeat_timeout = heartbeat_timeout
         self._record_last_seen = record_last_seen
         self._next_last_seen_write = 0.0
@@ -101,6 +120,8 @@ class SessionRegistry:
         #: ``stalled(start, end)``: seconds of that span the reactor stood still (set by the
         #: service from ``elevgw.observe.watchdog``); ``None``: every second counts.
         self.stalled: Callable[[float, float], float] | None = None
+        #: Decides and emits online/offline events (``LocalAnnouncer`` on one node).
+        self.announcer: Any = LocalAnnouncer(event_sink, clock)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -142,37 +163,48 @@ class SessionRegistry:
                 reason=reason,
                 event="device_online",
             )
-        self._events.emit(events.DeviceStatus(device_id, "online", reason, clock_ms(self._clock)))
+        self.announcer.online(session, reason, old)
         return session
 
     def detach(self, session: DeviceSession) -> None:
         """The session's connection is gone. Emits offline unless the session was already ended."""
         self.end(session, events.OFFLINE_CLOSED)
 
-    def end(self, session: DeviceSession, reason: str, close_code: int | None = None) -> None:
-        """End ``session`` now: unregister it, emit its offline event, close it with ``close_code``."""
+    def end(
+        self,
+        session: DeviceSession,
+        reason: str,
+        close_code: int | None = None,
+        announce: bool = True,
+        why: str | None = None,
+    ) -> None:
+        """End ``session`` now: unregister it, emit its offline event, close it with ``close_code``.
+
+        ``announce=False`` emits nothing: the device moved to another node (a takeover), or
+        this node was cut off and the other nodes report it (fencing). ``why`` is the close
+        reason the device reads (default: ``reason``).
+        """
         if session.ended:
             return
         session.ended = True
         if self._sessions.get(session.device_id) is session:
             del self._sessions[session.device_id]
         self._ended(session, reason)
-        if self._metrics is not None:
-            self._metrics.offline.labels(reason).inc()
         if self._record_last_seen is not None:
             self._record_last_seen({session.device_id: session.last_active})
-        if self.lifecycle_lines.take("offline"):
-            self.log.info(
-                "device {device_id} offline ({reason})",
-                device_id=session.device_id,
-                reason=reason,
-                event="device_offline",
-            )
-        self._events.emit(
-            events.DeviceStatus(session.device_id, "offline", reason, clock_ms(self._clock))
-        )
+        if announce:
+            if self._metrics is not None:
+                self._metrics.offline.labels(reason).inc()
+            if self.lifecycle_lines.take("offline"):
+                self.log.info(
+                    "device {device_id} offline ({reason})",
+                    device_id=session.device_id,
+                    reason=reason,
+                    event="device_offline",
+                )
+            self.announcer.offline(session, reason)
         if close_code is not None:
-            _close_quietly(session, close_code, reason)
+            _close_quietly(session, close_code, why or reason)
 
     def end_device(self, device_id: str, reason: str, close_code: int) -> bool:
         """End the device's session if it has one here; ``True`` if it had."""
@@ -182,10 +214,10 @@ class SessionRegistry:
         self.end(session, reason, close_code)
         return True
 
-    def end_all(self, reason: str, close_code: int) -> int:
+    def end_all(self, reason: str, close_code: int, announce: bool = True) -> int:
         sessions = list(self._sessions.values())
         for session in sessions:
-            self.end(session, reason, close_code)
+            self.end(session, reason, close_code, announce=announce)
         return len(sessions)
 
     def sweep(self) -> int:

@@ -20,16 +20,27 @@ OFFLINE_CLOSED = "closed"
 OFFLINE_TIMEOUT = "timeout"
 OFFLINE_REVOKED = "revoked"
 OFFLINE_SHUTDOWN = "shutdown"
+OFFLINE_NODE_LOST = "node_lost"
 
 
 @attrs.frozen
 class DeviceStatus:
-    """A device came online or went offline. ``ts`` is epoch milliseconds."""
+    """A device came online or went offline. ``ts`` is epoch milliseconds.
+
+    A takeover from another node names it (``previous_node``) and says how long the device
+    may have been unreachable (``gap_ms``: from its last frame on the old node, or the old
+    node's last lease renewal if it died, to the new connection). ``event_id`` is set when
+    the id must be the same wherever and however often the event is produced (a dead node's
+    devices, reported by whichever node reaps them); otherwise the sink makes one.
+    """
 
     device_id: str
     status: str  # "online" | "offline"
     reason: str
     ts: int
+    previous_node: str | None = None
+    gap_ms: int | None = None
+    event_id: str | None = None
 
 
 @attrs.frozen

@@ -395,6 +395,9 @@ class WebhookSink:
                 "ts": event.ts,
                 "seq": seq,
             }
+            if event.previous_node is not None:
+                body["previous_node"] = event.previous_node
+                body["gap_ms"] = event.gap_ms
         elif isinstance(event, SnapshotReady):
             kind = _SNAPSHOT
             body = {
@@ -413,7 +416,9 @@ class WebhookSink:
             kind=kind,
             url=self._urls[kind],
             body=dumps_json(body),
-            event_id=logged.event_id if logged is not None else uuid.uuid4().hex,
+            event_id=logged.event_id
+            if logged is not None
+            else getattr(event, "event_id", None) or uuid.uuid4().hex,
             seq=seq,
         )
 

@@ -38,6 +38,15 @@ class CommandRoutes(APIBase):
             sent = self.commands.send(device_id, command, body.get("data"))
         except DeviceOffline:
             return self._offline_or_unknown(request, device_id)
+        if isinstance(sent, Deferred):  # held by another node of the cluster
+
+            def offline(failure: Failure) -> Deferred:
+                failure.trap(DeviceOffline)
+                return self._offline_or_unknown(request, device_id)
+
+            return sent.addCallbacks(
+                lambda sent: self._json(request, {"ok": True, "id": sent.id}), offline
+            )
         return self._json(request, {"ok": True, "id": sent.id})
 
     def _offline_or_unknown(self, request: Any, device_id: str) -> Deferred:
