@@ -16,6 +16,7 @@ from elevgw.core.gateway import Gateway, HandshakeRefused
 from elevgw.core.sessions import CLOSE_POLICY
 from elevgw.events import model as events
 from elevgw.observe.metrics import Metrics
+from elevgw.testing import FakeConnection
 
 DEVICE = "dev_0011223344556677"
 
@@ -40,28 +41,12 @@ class SlowStore:
             d.callback(None)
 
 
-class FakeConnection:
-    def __init__(self):
-        self.sent = []
-        self.closed_with = None
-        self.paused = False
-        self.pauses = 0
+def frames(connection) -> list[dict]:
+    return [json.loads(data) for data in connection.sent]
 
-    def send_frame(self, data):
-        self.sent.append(json.loads(data))
 
-    def close(self, code, reason):
-        self.closed_with = (code, reason)
-
-    def pause_reading(self):
-        self.paused = True
-        self.pauses += 1
-
-    def resume_reading(self):
-        self.paused = False
-
-    def errors(self):
-        return [frame for frame in self.sent if frame["type"] == "error"]
+def errors(connection) -> list[dict]:
+    return [frame for frame in frames(connection) if frame["type"] == "error"]
 
 
 def make_gateway(**options):
@@ -89,16 +74,16 @@ def test_a_device_whose_log_writes_back_up_is_not_read_until_they_drain():
     )
     for n in range(4):
         gateway.text_received(session, frame({"type": "log", "payload": n, "id": f"l{n}"}))
-    assert not connection.paused
+    assert connection.reading
     gateway.text_received(session, frame({"type": "log", "payload": 4, "id": "l4"}))
-    assert connection.paused and connection.pauses == 1
+    assert not connection.reading and connection.pauses == 1
     assert limit_hits(gateway, "pending_writes") == 1
     store.finish(2)
-    assert connection.paused  # three still pending: above half the bound
+    assert not connection.reading  # three still pending: above half the bound
     store.finish(1)
-    assert not connection.paused
+    assert connection.reading
     store.finish(2)
-    assert [f["id"] for f in connection.sent] == ["l0", "l1", "l2", "l3", "l4"]
+    assert [f["id"] for f in frames(connection)] == ["l0", "l1", "l2", "l3", "l4"]
 
 
 def test_a_device_over_its_message_rate_gets_one_error_then_is_closed_with_1008():
@@ -106,9 +91,9 @@ def test_a_device_over_its_message_rate_gets_one_error_then_is_closed_with_1008(
     heartbeat = frame({"type": "heartbeat"})
     for _ in range(5):
         gateway.text_received(session, heartbeat)
-    assert [f["type"] for f in connection.sent] == ["pong"] * 5
+    assert [f["type"] for f in frames(connection)] == ["pong"] * 5
     gateway.text_received(session, heartbeat)
-    assert connection.errors() == [
+    assert errors(connection) == [
         {
             "type": "error",
             "error": "rate_limited",
@@ -130,7 +115,7 @@ def test_a_device_within_its_rate_is_never_limited():
     for _ in range(1000):
         gateway.text_received(session, frame({"type": "heartbeat"}))
         clock.advance(0.1)
-    assert connection.errors() == [] and connection.closed_with is None
+    assert errors(connection) == [] and connection.closed_with is None
 
 
 def test_frames_dropped_over_the_rate_are_not_signs_of_life():
@@ -170,10 +155,10 @@ def test_a_frame_nested_a_thousand_deep_gets_an_error_frame_not_an_exception():
     gateway.text_received(session, deep)
     deeper = b"[" * 100_000 + b"]" * 100_000
     gateway.text_received(session, deeper)
-    assert [f["error"] for f in connection.errors()] == ["bad_json", "bad_json"]
+    assert [f["error"] for f in errors(connection)] == ["bad_json", "bad_json"]
     assert store.writes == []
     gateway.text_received(session, frame({"type": "heartbeat"}))
-    assert connection.sent[-1]["type"] == "pong"
+    assert frames(connection)[-1]["type"] == "pong"
 
 
 def test_an_echoed_megabyte_comes_back_as_a_short_error():
@@ -181,8 +166,8 @@ def test_an_echoed_megabyte_comes_back_as_a_short_error():
     for field in ("type", "device_id"):
         value = {"type": "log", field: "x" * (1024 * 1024)}
         gateway.text_received(session, json.dumps(value).encode())
-    assert len(connection.errors()) == 2
-    assert all(len(json.dumps(error)) < 300 for error in connection.errors())
+    assert len(errors(connection)) == 2
+    assert all(len(json.dumps(error)) < 300 for error in errors(connection))
 
 
 def test_a_full_gateway_refuses_new_devices_with_503_but_lets_one_back_in():
@@ -208,4 +193,4 @@ def test_a_snapshot_frame_that_is_not_an_image_is_no_sign_of_life():
     clock.advance(5)
     gateway.binary_received(session, b"garbage")
     assert session.last_active == connected
-    assert connection.errors()[0]["error"] == wire.NOT_AN_IMAGE
+    assert errors(connection)[0]["error"] == wire.NOT_AN_IMAGE

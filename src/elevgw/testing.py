@@ -54,12 +54,22 @@ class RecordingSink:
 
 
 class FakeConnection:
-    """What a session talks to: records the frames sent and how it was closed."""
+    """What a session talks to: records the frames sent, how it was closed, and whether the
+    gateway paused reading it (``reading``; ``pauses`` counts the pauses)."""
 
     def __init__(self, fail_on_close: bool = False) -> None:
         self.sent: list[bytes] = []
         self.closed_with: tuple[int, str] | None = None
         self.fail_on_close = fail_on_close
+        self.reading = True
+        self.pauses = 0
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
     def send_frame(self, data: bytes) -> None:
         self.sent.append(data)

@@ -8,6 +8,8 @@ echoed or logged.
   as a 1 MiB error frame, once per frame).
 - ``loggable``: what a log line may hold of it: control characters escaped (a ``device_id``
   with a newline wrote a forged line into the log) and the length capped.
+- ``redacted``: credentials a log line must never hold: a device token in a handshake's
+  query, a bearer key, a signed URL's signature.
 
 Pure functions on the reactor thread: each is linear in its input, with C-speed passes.
 """
@@ -92,3 +94,18 @@ def loggable(text: str, limit: int = LOG_FIELD_CHARS) -> str:
     if text.isprintable():
         return text
     return text.translate(_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_SECRETS = re.compile(
+    r"(?i)((?:token|signature|x-oss-signature|x-oss-credential|accesskeyid|ossaccesskeyid"
+    r"|api_key|apikey|secret|password)=)[^&\s\"']+"
+    r"|(bearer\s+)[^\s\"',]+"
+)
+
+
+def redacted(text: str) -> str:
+    """``text`` with credential values replaced by ``[redacted]``: query or form values
+    named like a credential (``token=…``, ``Signature=…``) and ``Bearer …`` keys."""
+    if "=" not in text and "earer" not in text:
+        return text
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)

@@ -17,7 +17,7 @@ from twisted.application.service import Service
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from elevgw.untrusted import LOG_FIELD_CHARS, loggable
+from elevgw.untrusted import LOG_FIELD_CHARS, loggable, redacted
 from elevgw.util import to_ms
 
 #: Library lines dropped above debug level because the gateway says the same better: Twisted's
@@ -38,7 +38,8 @@ class GatewayLogFilter:
     every line (several nodes, or several workers of one host, may share a log stream).
     Fields carry what devices and API clients sent (a ``device_id`` from a handshake, a
     location): a newline in one would forge a log line, and a 7 MiB one would be a 7 MiB line,
-    so control characters are escaped and the length capped.
+    so control characters are escaped and the length capped. Credentials in them (a token in
+    a handshake query, a bearer key, a signed URL's signature) are ``redacted``.
     """
 
     def __init__(self, observer: Any, level: LogLevel, node_id: str) -> None:
@@ -54,12 +55,15 @@ class GatewayLogFilter:
             return
         event.setdefault("node", self.node_id)
         for name, value in event.items():
-            if (
-                value.__class__ is str
-                and (len(value) > LOG_FIELD_CHARS or not value.isprintable())
-                and not name.startswith("log_")
-            ):
-                event[name] = loggable(value)
+            if name.startswith("log_"):
+                continue
+            if value.__class__ is bytes:  # Autobahn's debug lines carry raw HTTP requests
+                value = event[name] = value.decode("latin-1")
+            if value.__class__ is str:
+                value = redacted(value)
+                if len(value) > LOG_FIELD_CHARS or not value.isprintable():
+                    value = loggable(value)
+                event[name] = value
         self.observer(event)
 
 
