@@ -56,7 +56,7 @@ async def eventually(check, timeout: float = 15.0, interval: float = 0.05):
 class Node:
     """One ``twistd -n elevgw`` process of the cluster."""
 
-    def __init__(self, node_id: str, redis_url: str, backend_url: str, directory: Path) -> None:
+    def __init__(self, node_id: str, store: str, backend_url: str | None, directory: Path) -> None:
         self.node_id = node_id
         self.ws_port = free_port()
         self.api_port = free_port()
@@ -79,15 +79,13 @@ class Node:
             "--node-id",
             node_id,
             "--store",
-            redis_url,
+            store,
             "--ws-endpoint",
             f"tcp:{self.ws_port}:interface=127.0.0.1",
             "--api-endpoint",
             f"tcp:{self.api_port}:interface=127.0.0.1",
             "--snapshots",
             f"file:{directory / ('snapshots-' + node_id)}",
-            "--backend-url",
-            backend_url,
             "--cluster-lease",
             str(LEASE),
             "--bus-probe-interval",
@@ -97,6 +95,8 @@ class Node:
             "--store-timeout",
             "2",
         ]  # fmt: skip
+        if backend_url is not None:
+            args += ["--backend-url", backend_url]
         self.process = subprocess.Popen(
             args,
             cwd=str(directory),

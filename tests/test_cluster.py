@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList
 
 import cluster_support
-from cluster_support import LEASE, eventually, sleep
+from cluster_support import LEASE, Node, eventually, sleep
 from images import tiny_png
 from wsclient import connect_device
 
@@ -235,3 +235,27 @@ async def test_nodes_recover_by_themselves_when_redis_loses_its_data_or_restarts
     device = await connect(b, again)
     await eventually(lambda: _ensure(reaches(a, again["device_id"])), timeout=10)
     assert (await device.frame())["payload"] == "P"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_node_on_one_sqlite_file_says_sqlite_is_single_node(tmp_path):
+    store = f"sqlite:{tmp_path / 'shared.sqlite3'}"
+    first = Node("first", store, None, tmp_path)
+    try:
+        await first.wait_healthy()
+        second = Node("second", store, None, tmp_path)
+        try:
+            await second.wait_healthy()
+            assert "SQLite is single-node: node first" in second.log_path.read_text()
+        finally:
+            second.stop()
+        assert "SQLite is single-node" not in first.log_path.read_text()
+    finally:
+        first.stop()
+    # Both stopped cleanly: a node starting now finds nobody.
+    third = Node("third", store, None, tmp_path)
+    try:
+        await third.wait_healthy()
+        assert "single-node" not in third.log_path.read_text()
+    finally:
+        third.stop()

@@ -48,6 +48,7 @@ from elevgw.specs import FileSnapshotsSpec, SQLiteSpec, parse_snapshots, parse_s
 from elevgw.stores.interfaces import IDeviceStore, IEventLog
 from elevgw.stores.sqlite import SQLiteStore
 from elevgw.stores.sqlite_events import SQLiteEventLog
+from elevgw.stores.sqlite_nodes import SQLiteNodeCheck
 from elevgw.timing import within
 
 
@@ -210,6 +211,8 @@ class GatewayService(MultiService):
         self.watchdog.setServiceParent(self)
         ThreadPoolService(threadpool).setServiceParent(self)
         self._add_resource(self.store)
+        if isinstance(raw_store, SQLiteStore):
+            self._add_resource(SQLiteNodeCheck(raw_store, settings.node_id, raw_store.path))
         self._add_resource(self.snapshots)
         self._add_resource(_EventSinkResource(self.event_sink))
         if self.event_log is not None:

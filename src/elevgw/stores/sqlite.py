@@ -84,6 +84,10 @@ class SQLiteStore:
         self._lookups: dict[str, list[Deferred]] = {}
         self._lookup_call: Any = None
 
+    @property
+    def path(self) -> str:
+        return self._path
+
     def start(self) -> Deferred:
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
