@@ -168,3 +168,15 @@ def test_the_start_line_shows_no_webhook_password():
 
     assert _without_password("https://hook:s3cret@backend:8443/x") == "https://backend:8443/x"
     assert _without_password("http://backend:5000") == "http://backend:5000"
+
+
+def test_a_store_that_fails_to_start_ends_twistd_with_one_line_naming_the_option(tmp_path):
+    (tmp_path / "broken.sqlite3").write_text("not a database")
+    result = twistd(tmp_path, *API, "--store", "sqlite:broken.sqlite3")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    [line] = [line for line in output.splitlines() if "elevgw could not start:" in line]
+    assert line.endswith(
+        "elevgw could not start: --store sqlite:broken.sqlite3: sqlite: file is not a database"
+    )

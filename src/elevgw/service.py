@@ -45,6 +45,7 @@ from elevgw.snapshots.files import FileSnapshotStore
 from elevgw.snapshots.interfaces import ISnapshotStore
 from elevgw.south.protocol import DeviceFactory
 from elevgw.specs import FileSnapshotsSpec, SQLiteSpec, parse_snapshots, parse_store
+from elevgw.startup import StartupError
 from elevgw.stores.interfaces import IDeviceStore, IEventLog
 from elevgw.stores.sqlite import SQLiteStore
 from elevgw.stores.sqlite_events import SQLiteEventLog
@@ -210,10 +211,10 @@ class GatewayService(MultiService):
 
         self.watchdog.setServiceParent(self)
         ThreadPoolService(threadpool).setServiceParent(self)
-        self._add_resource(self.store)
+        self._add_resource(self.store, "--store " + _store_display(settings.store))
         if isinstance(raw_store, SQLiteStore):
             self._add_resource(SQLiteNodeCheck(raw_store, settings.node_id, raw_store.path))
-        self._add_resource(self.snapshots)
+        self._add_resource(self.snapshots, "--snapshots " + settings.snapshots)
         self._add_resource(_EventSinkResource(self.event_sink))
         if self.event_log is not None:
             self.event_log.setServiceParent(self)
@@ -272,14 +273,18 @@ class GatewayService(MultiService):
             probe_every=self.settings.bus_probe_interval,
         )
 
-    def _add_resource(self, resource: Any) -> None:
-        service = ResourceService(resource, self._start_failed)
+    def _add_resource(self, resource: Any, source: str = "") -> None:
+        """``source`` names the option the resource comes from in a failure to start it."""
+        service = ResourceService(resource, lambda failure: self._start_failed(failure, source))
         self._starting.append(service.started)
         service.setServiceParent(self)
 
-    def _start_failed(self, failure: Failure) -> Failure:
+    def _start_failed(self, failure: Failure, source: str = "") -> Failure:
         if not self.ready.called:
-            self.ready.errback(failure)
+            if source:
+                self.ready.errback(StartupError(f"{source}: {failure.getErrorMessage()}"))
+            else:
+                self.ready.errback(failure)
         return failure
 
     def _make_event_sink(self, settings: Settings) -> events.IEventSink:
@@ -458,3 +463,11 @@ def _without_password(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _store_display(spec: str) -> str:
+    """``--store``'s value fit for a log line: a Redis URL without its password."""
+    try:
+        return str(parse_store(spec)) if spec.startswith("redis://") else spec
+    except ValueError:
+        return spec
