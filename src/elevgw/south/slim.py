@@ -11,8 +11,8 @@ holding 15,000 mostly idle devices that is most of the memory per device. Here:
   it, so its connections never hold their own copies;
 - once open (``after_open``), the handshake leftovers are dropped, attributes whose value
   equals the class default (``OPEN_DEFAULTS``) are dropped so the class answers for them,
-  the send queue becomes an empty list until something is queued, the traffic counters go
-  to one shared sink (nothing reads them), and the ``__dict__`` is rebuilt at its new size
+  the send queue becomes an empty list until something is queued, the traffic counters are
+  one set shared by all connections (nothing reads them), and the ``__dict__`` is rebuilt at its new size
   (a dict never shrinks by deleting keys).
 
 Attribute reads give the same values as before; an attribute Autobahn sets later (a close
@@ -25,7 +25,7 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
 
 #: What the opening handshake leaves behind and nothing reads once the connection is open.
 HANDSHAKE_LEFTOVERS = (
@@ -56,19 +56,9 @@ class SendQueue(list):
         return self.pop(0)
 
 
-class _Ignored:
-    """Takes every ``+=`` of Autobahn's traffic counters and keeps nothing."""
-
-    __slots__ = ()
-
-    def __getattr__(self, name: str) -> int:
-        return 0
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        pass
-
-
-IGNORED_TRAFFIC = _Ignored()
+#: One set of Autobahn's traffic counters for every slim connection: Autobahn still adds to
+#: them (in C, as on its own counters), nobody reads them, and each connection saves its own.
+SHARED_TRAFFIC = TrafficStats()
 
 
 #: Values an open connection has until something happens to it; the protocol class holds
@@ -114,7 +104,7 @@ OPEN_DEFAULTS: dict[str, Any] = {
     "_valid_events": ("message",),
     "_results": None,
     "utf8validator": None,
-    "trafficStats": IGNORED_TRAFFIC,
+    "trafficStats": SHARED_TRAFFIC,
 }
 
 _IMMUTABLE = (type(None), bool, int, float, str, bytes)
