@@ -21,6 +21,7 @@ from twisted.internet.task import deferLater
 from elevgw.listener import Listener
 from elevgw.workers import worker_arguments
 from redis_support import free_port
+from webhook_receiver import Receiver, TrackingSite
 from wsclient import connect_device
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -125,8 +126,20 @@ def free_port_pair() -> list[int]:
     raise AssertionError("no two consecutive free ports")
 
 
+@pytest_twisted.async_yield_fixture
+async def backend():
+    """A webhook receiver on loopback: ``(receiver, url)``."""
+    receiver = Receiver()
+    site = TrackingSite(receiver)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    yield receiver, f"http://127.0.0.1:{port.getHost().port}"
+    await port.stopListening()
+    for closed in list(site.open_connections):
+        await closed
+
+
 @pytest.fixture
-def workers(tmp_path, redis_url):
+def workers(tmp_path, redis_url, backend):
     ws_port, api_port = free_port(), free_port()
     worker_ports = free_port_pair()
     process = run_twistd(
@@ -136,7 +149,10 @@ def workers(tmp_path, redis_url):
         f"--ws-endpoint=tcp:{ws_port}:interface=127.0.0.1",
         f"--api-endpoint=tcp:{api_port}:interface=127.0.0.1",
         f"--worker-api-port={worker_ports[0]}",
+        f"--backend-url={backend[1]}",
         "--drain-timeout=3",
+        "--cluster-lease=1.5",
+        "--bus-probe-interval=0.5",
     )
     yield process, ws_port, api_port, worker_ports
     if process.poll() is None:
@@ -145,39 +161,79 @@ def workers(tmp_path, redis_url):
         print(out.decode()[-3000:])
 
 
+async def api(port, method, path, body=None):
+    response = await treq.request(
+        method, f"http://127.0.0.1:{port}{path}", json=body, reactor=reactor, timeout=10
+    )
+    return response.code, await response.json()
+
+
+def statuses(receiver, device_id):
+    return [
+        (r.json["status"], r.json["reason"])
+        for r in receiver.requests
+        if r.path == "/api/device/status" and r.json["device_id"] == device_id
+    ]
+
+
 @pytest_twisted.ensureDeferred
-async def test_two_workers_take_connections_restart_when_killed_and_drain_on_sigterm(workers):
+async def test_two_workers_are_one_cluster_that_survives_a_killed_worker_and_drains(
+    workers, backend
+):
     process, ws_port, api_port, worker_ports = workers
+    receiver = backend[0]
     first = await until(
         lambda: all(health(p) for p in worker_ports) and [health(p) for p in worker_ports]
     )
-    pids = [int(h["node_id"].rsplit("-", 1)[1]) for h in first]
+    nodes = [h["node_id"] for h in first]
+    pids = [int(node.rsplit("-", 1)[1]) for node in nodes]
     assert len(set(pids)) == 2
 
-    devices = []
+    devices = {}
     for _ in range(24):
-        response = await treq.post(
-            f"http://127.0.0.1:{api_port}/api/v1/devices/register",
-            json={"location": "lobby"},
-            reactor=reactor,
+        _, creds = await api(api_port, "POST", "/api/v1/devices/register", {"location": "lobby"})
+        devices[creds["device_id"]] = (
+            creds,
+            await connect_device(ws_port, creds["device_id"], creds["token"]),
         )
-        creds = await response.json()
-        devices.append(await connect_device(ws_port, creds["device_id"], creds["token"]))
     sessions = [health(p)["sessions"] for p in worker_ports]
     assert sum(sessions) == 24 and min(sessions) > 0, sessions  # the kernel spread them
 
+    # Every worker sees the whole host's devices and where each is held.
+    _, listed = await api(worker_ports[1], "GET", "/api/v1/devices")
+    held = {d["device_id"]: d["node"] for d in listed["devices"]}
+    assert set(held.values()) == set(nodes)
+    on_first = [device_id for device_id, node in held.items() if node == nodes[0]]
+
+    # A command through worker 1's API reaches a device held by worker 0.
+    target = on_first[0]
+    status, sent = await api(
+        worker_ports[1], "POST", "/api/send", {"device_id": target, "command": "REBOOT"}
+    )
+    assert status == 200, sent
+    frame = await devices[target][1].frame()
+    assert (frame["type"], frame["id"], frame["payload"]) == ("command", sent["id"], "REBOOT")
+
+    # kill -9 worker 0: it comes back as a new node; each of its devices goes offline once.
     os.kill(pids[0], signal.SIGKILL)
     restarted = await until(
-        lambda: (h := health(worker_ports[0])) and h["node_id"] != first[0]["node_id"] and h
+        lambda: (h := health(worker_ports[0])) and h["node_id"] != nodes[0] and h
     )
     assert restarted["sessions"] == 0
+    await until(lambda: all(("offline", "node_lost") in statuses(receiver, d) for d in on_first))
+    for device_id in devices:
+        offline = [s for s in statuses(receiver, device_id) if s[0] == "offline"]
+        assert offline == ([("offline", "node_lost")] if device_id in on_first else [])
+
+    # They reconnect, to whichever worker the kernel picks.
+    for device_id in on_first:
+        creds = devices[device_id][0]
+        devices[device_id] = (creds, await connect_device(ws_port, device_id, creds["token"]))
+    assert sum(health(p)["sessions"] for p in worker_ports) == 24
 
     process.send_signal(signal.SIGTERM)
     await until(lambda: process.poll() is not None, timeout=20)
     out = process.stdout.read().decode()
-    survivors = [d for d in devices if d.close_code != 1006]
-    assert survivors and all(d.close_code == 1001 for d in survivors), [
-        d.close_code for d in devices
-    ]
+    assert [d.close_code for _, d in devices.values()] == [1001] * 24
     assert "worker 0 (pid" in out and "restarting it in" in out
     assert out.count("Server Shut Down.") >= 3  # each worker's, relayed, and the parent's
