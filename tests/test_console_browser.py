@@ -290,8 +290,16 @@ async def test_console_is_usable_on_a_phone(gateway_factory, browser, shots):
     overflow = await browser.script(
         "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
     )
-    assert overflow <= 0, "the page scrolls sideways on a phone"
+    assert overflow <= 0, "the devices page scrolls sideways on a phone"
     await browser.screenshot(shots / "devices-phone.png")
+    await browser.click(".devices tbody a")
+    await browser.wait_text("h1", "写字楼00号")
+    await browser.wait_text(".logs, .panel", "No logs.")
+    overflow = await browser.script(
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0, "the device page scrolls sideways on a phone"
+    await browser.screenshot(shots / "device-phone.png")
 
 
 RECORD_STREAM_STATES = """

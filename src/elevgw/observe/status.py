@@ -154,7 +154,6 @@ class NodeStatus(Service):
             "sessions": self._sessions(),
             "store": store_status,
             "webhooks": self._webhooks(),
-            "bus": None,
             "reactor": {
                 "lag_ms": round(self.lag * 1000, 1),
                 "max_lag_ms": round(max(self._minute_lag, self._last_minute_lag) * 1000, 1),

@@ -63,7 +63,17 @@ function lagText(ms) {
   return ms === null || ms === undefined ? "–" : `${Math.round(ms)} ms`;
 }
 
-function healthRows(node) {
+/** The cluster's part of /healthz, when this gateway is one node of several. */
+function busText(cluster) {
+  if (!cluster) return "not in use (single node)";
+  const parts = [`bus ${cluster.bus}`, `lease ${cluster.lease}`];
+  if (cluster.routed_p99_ms !== null && cluster.routed_p99_ms !== undefined) {
+    parts.push(`routed calls p99 ${cluster.routed_p99_ms} ms`);
+  }
+  return h("span", { class: cluster.ok ? "" : "bad" }, parts.join(", "));
+}
+
+function healthRows(node, healthz) {
   const store = node.store || {};
   const hooks = node.webhooks;
   const reactor = node.reactor || {};
@@ -91,7 +101,7 @@ function healthRows(node) {
           )
         : "off (no --backend-url)",
     ],
-    ["Cluster bus", node.bus ? json(node.bus) : "not in use (single node)"],
+    ["Cluster bus", busText(healthz && healthz.cluster)],
     [
       "Reactor lag",
       h(
@@ -153,7 +163,13 @@ export function fleetPage(root) {
       else replace(healthBox, failure(error));
     }
     if (node) {
-      replace(healthBox, healthRows(node));
+      let healthz = null;
+      try {
+        healthz = await get("/healthz");
+      } catch (error) {
+        healthz = error instanceof ApiError ? error.body : null; // 503 still says why
+      }
+      replace(healthBox, healthRows(node, healthz));
       const samples = [...node.history, { ts: node.now, online: node.sessions }];
       replace(onlineBox, onlineChart(samples));
       replace(churnBox, churnChart(node.history));
