@@ -204,6 +204,7 @@ async def test_device_page_takes_a_snapshot_and_sends_a_command(gateway_factory,
         await browser.wait_text("h1", "上海中心01号 A座")
         await browser.wait_text("h1 .badge", "online")
         await browser.wait_text(".logs", "屏幕亮度 80%")
+        await browser.wait_text(".panel .facts", "Connects")
 
         await browser.click(".panel button[type=button]:not(.warn)")  # Take snapshot
         await browser.wait_for(
@@ -274,6 +275,8 @@ async def test_fleet_page_shows_counts_health_and_the_chart(gateway_factory, bro
         await browser.wait_text(".facts", "Reactor lag")
         await browser.wait_for("document.querySelector('svg.chart polyline')", "the online chart")
         await browser.wait_text(".figure.online .value", str(len(devices)))
+        await browser.wait_text(".figure.devices .value", "6")
+        await browser.wait_text(".panel", "Top flapping devices")
         await browser.screenshot(shots / "fleet.png")
     finally:
         await close_all(devices)

@@ -426,12 +426,29 @@ export function devicePage(root, params, navigate, deviceId) {
   function loadHealth() {
     return fill(healthBox, "Device health", () => get(base + "/health"), (health) => {
       const rows = [];
+      const shown = new Set(["device_id", "online", "node", "last_seen"]);
+      const fact = (name, value, ...keys) => {
+        if (!keys.some((key) => key in health)) return;
+        keys.forEach((key) => shown.add(key));
+        rows.push(h("dt", {}, name), h("dd", {}, value));
+      };
+      const pct = (value) => (value === null || value === undefined ? "–" : `${value} %`);
+      fact("Online", `${pct(health.online_pct_24h)} of the last 24 h, ${pct(health.online_pct_7d)} of 7 days`, "online_pct_24h", "online_pct_7d");
+      fact("Connects", json(health.connects), "connects");
+      const reasons = Object.entries(health.disconnects || {});
+      fact("Disconnects", reasons.length ? reasons.map(([why, n]) => `${n} ${why}`).join(", ") : "none", "disconnects");
+      fact("Flaps", `${health.flaps_24h} in 24 h (${health.flaps} in all)`, "flaps", "flaps_24h");
+      fact("Takeovers", json(health.takeovers), "takeovers");
+      fact("Online since", health.online_since ? when(health.online_since) : "–", "online_since");
+      const last = health.last_disconnect;
+      fact("Last disconnect", last ? `${last.reason} at ${when(last.at)}` : "–", "last_disconnect");
+      fact("Watched since", when(health.observed_since), "observed_since");
       for (const [name, value] of Object.entries(health)) {
-        if (name === "device_id") continue;
-        const shown = value && typeof value === "object" && !Array.isArray(value)
+        if (shown.has(name)) continue;
+        const text = value && typeof value === "object" && !Array.isArray(value)
           ? Object.entries(value).map(([k, v]) => `${k.replaceAll("_", " ")}: ${json(v)}`).join(", ")
           : json(value);
-        rows.push(h("dt", {}, name.replaceAll("_", " ")), h("dd", {}, shown));
+        rows.push(h("dt", {}, name.replaceAll("_", " ")), h("dd", {}, text));
       }
       return h("dl", { class: "facts" }, rows);
     });
