@@ -377,3 +377,23 @@ def test_a_store_that_cannot_start_is_one_line_without_a_traceback():
     [line] = [e for e in events if e.get("log_namespace", "").startswith("elevgw")]
     assert "log_failure" not in line and line["error"] == "sqlite: file is not a database"
     log.stopService()
+
+
+def test_a_takeover_from_another_node_keeps_its_extras_and_others_leave_them_out():
+    takeover = DeviceStatus("dev_a", "online", "takeover", 5, previous_node="n1", gap_ms=40)
+    assert event_record(takeover, "e").body == {
+        "status": "online",
+        "reason": "takeover",
+        "previous_node": "n1",
+        "gap_ms": 40,
+    }
+    assert event_record(online(), "e").body == {"status": "online", "reason": "connected"}
+
+
+def test_an_event_with_a_stable_id_is_logged_and_sent_under_it():
+    clock, store, sink, log, _ = make()
+    lost = DeviceStatus("dev_a", "offline", "node_lost", 5, event_id="stable")
+    log.emit(lost)
+    clock.advance(0)
+    assert store.records[0].event_id == "stable" == sink.events[0].event_id
+    assert "event_id" not in store.records[0].body

@@ -68,17 +68,21 @@ def event_type(event: Any) -> str:
     return name.lower()
 
 
-def _body_fields(cls: type) -> tuple[str, ...]:
-    """The attributes of an attrs event class that make its log body (cached per class)."""
-    names = _BODY_FIELDS.get(cls)
-    if names is None:
-        names = _BODY_FIELDS[cls] = tuple(
-            field.name for field in attrs.fields(cls) if field.name not in _OWN_FIELDS
+def _body_fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    """``(name, optional)`` of the attributes of an attrs event class that make its log
+    body, cached per class. An optional one (default ``None``, like a takeover's
+    ``previous_node``) is left out while it is ``None``, as the webhook leaves it out."""
+    fields = _BODY_FIELDS.get(cls)
+    if fields is None:
+        fields = _BODY_FIELDS[cls] = tuple(
+            (field.name, field.default is None)
+            for field in attrs.fields(cls)
+            if field.name not in _OWN_FIELDS
         )
-    return names
+    return fields
 
 
-_BODY_FIELDS: dict[type, tuple[str, ...]] = {}
+_BODY_FIELDS: dict[type, tuple[tuple[str, bool], ...]] = {}
 
 
 def event_record(event: Any, event_id: str) -> EventRecord:
@@ -89,7 +93,11 @@ def event_record(event: Any, event_id: str) -> EventRecord:
     """
     cls = type(event)
     if attrs.has(cls):
-        body = {name: getattr(event, name) for name in _body_fields(cls)}
+        body = {}
+        for name, optional in _body_fields(cls):
+            value = getattr(event, name)
+            if value is not None or not optional:
+                body[name] = value
     else:
         body = {k: v for k, v in vars(event).items() if k not in _OWN_FIELDS}
     return EventRecord(
