@@ -348,3 +348,46 @@ async def test_the_status_page_reports_the_webhook_backlog_behind_the_event_log(
     status, report = await gateway.call("GET", "/api/v1/status")
     assert status == 200, report
     assert report["webhooks"] is not None and report["webhooks"]["delivered"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_a_cluster_every_node_replays_and_streams_every_node_s_events(
+    gateway_factory, redis_url
+):
+    node_a = await gateway_factory(store=redis_url, node_id="node-a")
+    node_b = await gateway_factory(store=redis_url, node_id="node-b")
+    response, reader = await open_stream(node_a)
+    device_id = await cycle(node_b)
+    await reader.until(lambda: len(reader.events) >= 2)  # polled from the shared stream
+    assert [(e["data"]["device_id"], e["data"]["status"]) for e in reader.events] == [
+        (device_id, "online"),
+        (device_id, "offline"),
+    ]
+    on_a = (await events_until(node_a, 2))["events"]
+    on_b = (await events_until(node_b, 2))["events"]
+    assert on_a == on_b
+    await node_a.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_offline_events_of_a_drain_are_in_the_log_when_the_gateway_has_stopped(
+    gateway_factory, tmp_path
+):
+    from elevgw.stores.sqlite import SQLiteStore
+    from elevgw.stores.sqlite_events import SQLiteEventLog
+
+    gateway = await gateway_factory()
+    creds = await gateway.register()
+    device = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+    await device.request({"type": "heartbeat"})
+    await gateway.service.stopService()
+    store = SQLiteStore(str(tmp_path / "elevgw.sqlite3"))
+    await store.start()
+    try:
+        page = await SQLiteEventLog(store).read(None, 10)
+    finally:
+        await store.stop()
+    assert [(r.body["status"], r.body["reason"]) for r in page.records] == [
+        ("online", "connected"),
+        ("offline", "shutdown"),
+    ]
