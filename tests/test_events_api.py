@@ -391,3 +391,32 @@ async def test_the_offline_events_of_a_drain_are_in_the_log_when_the_gateway_has
         ("online", "connected"),
         ("offline", "shutdown"),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_client_that_stops_reading_is_dropped_not_buffered_for(gateway_factory):
+    from elevgw.events.model import SnapshotReady
+
+    gateway = await gateway_factory()
+    gateway.service.api.stream_max_buffered = 5
+    events = gateway.service.event_log
+    response, reader = await open_stream(gateway)
+    await eventually(lambda: events.metrics.stream_clients._value.get() == 1)
+    reader.transport.pauseProducing()  # the client stops reading its socket
+    big = "http://x/" + "a" * 60_000
+    for batch in range(40):  # about 15 MB: more than every socket buffer on the way holds
+        for i in range(10):
+            events.emit(SnapshotReady("dev_a", big, None, batch * 10 + i))
+        await pause(0.02)
+        if events.metrics.stream_dropped._value.get():
+            break
+    await eventually(lambda: events.metrics.stream_dropped._value.get() == 1)
+    await eventually(lambda: events.metrics.stream_clients._value.get() == 0)
+    reader.transport.resumeProducing()
+    await within(reader.done)
+
+
+async def pause(seconds):
+    d = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d

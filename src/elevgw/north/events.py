@@ -75,8 +75,11 @@ class _EventStream:
     """One SSE response: a log subscription writing to the request, paused while the
     client's socket is full, with a keep-alive comment when nothing else was written."""
 
-    def __init__(self, request: Any, events: EventLog, keepalive: float) -> None:
+    def __init__(
+        self, request: Any, events: EventLog, keepalive: float, max_buffered: int
+    ) -> None:
         self.request = request
+        self.max_buffered = max_buffered
         self.events = events
         self.finished: Deferred = Deferred(lambda _: self.stop())
         self.subscription: Subscription | None = None
@@ -92,7 +95,7 @@ class _EventStream:
             after=after,
             device_id=device_id,
             type=type,
-            max_buffered=STREAM_MAX_BUFFERED,
+            max_buffered=self.max_buffered,
             start=False,
         )
         self.request.registerProducer(self, True)
@@ -153,6 +156,7 @@ class EventRoutes(APIBase):
     #: Default of ``GET /api/v1/fleet/health?silent_after=`` (``--silent-after``), seconds.
     silent_after = 86400.0
     keepalive_interval = KEEPALIVE_INTERVAL
+    stream_max_buffered = STREAM_MAX_BUFFERED
 
     def _events(self) -> EventLog:
         if self.event_log is None:
@@ -189,7 +193,7 @@ class EventRoutes(APIBase):
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Accel-Buffering", b"no")
         request.write(b"retry: 3000\n\n")
-        stream = _EventStream(request, events, self.keepalive_interval)
+        stream = _EventStream(request, events, self.keepalive_interval, self.stream_max_buffered)
         stream.start(after, device_id, type)
         return stream.finished
 
