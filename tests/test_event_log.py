@@ -182,7 +182,11 @@ def test_an_unknown_event_class_is_typed_by_its_name():
     class CommandEvent:
         pass
 
+    class CommandFinished:
+        pass
+
     assert event_type(CommandEvent()) == "command"
+    assert event_type(CommandFinished()) == "command"
     assert event_type(online()) == "status"
 
 
@@ -197,7 +201,7 @@ def test_an_event_that_brings_its_own_id_keeps_it():
     log.emit(NodeLost("dev_a", 1, "stable-id"))
     clock.advance(0)
     assert sink.events[0].event_id == "stable-id" == store.records[0].event_id
-    assert store.records[0].type == "nodelost"
+    assert store.records[0].type == "node"
 
 
 def test_trimming_runs_every_interval_and_sets_the_size_gauge():

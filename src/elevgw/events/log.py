@@ -22,6 +22,7 @@ The log also serves reads (``read``, for ``GET /api/v1/events``) and live subscr
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -57,15 +58,16 @@ _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
 def event_type(event: Any) -> str:
-    """The log ``type`` of an event: from ``EVENT_TYPES``, else its class name in lower case
-    without an ``Event`` suffix (``CommandEvent`` -> ``command``)."""
+    """The log ``type`` of an event: from ``EVENT_TYPES``, else the first word of its class
+    name in lower case (``CommandEvent``, ``CommandFinished`` -> ``command``)."""
     known = EVENT_TYPES.get(type(event))
     if known is not None:
         return known
-    name = type(event).__name__
-    if name.endswith("Event") and len(name) > len("Event"):
-        name = name[: -len("Event")]
-    return name.lower()
+    match = _FIRST_WORD.match(type(event).__name__)
+    return (match[0] if match else type(event).__name__).lower()
+
+
+_FIRST_WORD = re.compile(r"[A-Z]?[a-z0-9]+")
 
 
 def _body_fields(cls: type) -> tuple[tuple[str, bool], ...]:
