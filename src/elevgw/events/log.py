@@ -39,7 +39,6 @@ from zope.interface import implementer
 
 from elevgw.events.model import DeviceStatus, IEventSink, LoggedEvent, SnapshotReady
 from elevgw.stores.interfaces import (
-    BadCursor,
     EventPage,
     EventRecord,
     IEventLog,
@@ -695,19 +694,6 @@ class Subscription:
             self._close(reason)
         except Exception:
             self._events.log.failure("event stream: closing a client failed")
-
-
-__all__ = [
-    "EVENT_TYPES",
-    "BadCursor",
-    "EventLog",
-    "EventLogMetrics",
-    "ObservingSink",
-    "Subscription",
-    "event_record",
-    "event_type",
-    "record_json",
-]
 
 
 @implementer(IEventSink)
