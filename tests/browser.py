@@ -1,5 +1,7 @@
 """A real headless Chromium for console tests, driven by Selenium and Debian's chromedriver.
 
+A test module that wants the ``browser`` fixture says ``pytest_plugins = ["browser"]``.
+
 Selenium's calls block until the browser answers, and the gateway under test runs on this
 process's reactor: every browser call therefore runs on a thread (``await browser.run(...)``)
 so the reactor keeps serving the pages the browser asks for meanwhile.
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
@@ -145,3 +148,20 @@ class Browser:
         await self.run(self.driver.set_window_size, width, max(height + 140, 400))
         path.parent.mkdir(parents=True, exist_ok=True)
         await self.run(self.driver.save_screenshot, str(path))
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    driver = start_chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """A ``Browser`` on a blank page at desktop size, with nothing left from the last test."""
+    chromium.delete_all_cookies()
+    chromium.set_window_size(*DESKTOP)
+    yield Browser(chromium)
+    chromium.execute_script("try { sessionStorage.clear() } catch (e) {}")
+    chromium.get("about:blank")

@@ -69,6 +69,16 @@ async def test_every_console_file_is_served_as_shipped_without_the_key(gateway_f
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_current_copy_in_the_browser_is_answered_304(gateway):
+    response, _ = await fetch(gateway, "/console/console.js")
+    etag = header(response, "ETag")
+    response, body = await fetch(gateway, "/console/console.js", {"If-None-Match": [etag]})
+    assert response.code == 304 and body == b""
+    response, body = await fetch(gateway, "/console/console.js", {"If-None-Match": ['"old"']})
+    assert response.code == 200 and body
+
+
+@pytest_twisted.ensureDeferred
 async def test_console_pages_are_same_origin_only(gateway):
     response, _ = await fetch(gateway, "/console/", {"Origin": ["http://evil.example"]})
     policy = header(response, "Content-Security-Policy")

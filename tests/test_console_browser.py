@@ -17,27 +17,13 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from browser import DESKTOP, PHONE, Browser, start_chromium
+from browser import PHONE
 from images import tiny_png
 from wsclient import connect_device
 
 API_KEY = "console-test-key"
 
-
-@pytest.fixture(scope="module")
-def chromium():
-    driver = start_chromium()
-    yield driver
-    driver.quit()
-
-
-@pytest.fixture
-def browser(chromium):
-    chromium.delete_all_cookies()
-    chromium.set_window_size(*DESKTOP)
-    yield Browser(chromium)
-    chromium.execute_script("try { sessionStorage.clear() } catch (e) {}")
-    chromium.get("about:blank")
+pytest_plugins = ["browser"]
 
 
 @pytest.fixture

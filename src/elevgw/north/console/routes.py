@@ -6,12 +6,16 @@ from typing import Any
 
 from twisted.web.resource import Resource
 
-from elevgw.north.base import APIBase, app
-from elevgw.north.console import console_files
+from elevgw.north.base import APIBase, APIDeps, app
+from elevgw.north.console import ConsoleFiles
 from elevgw.north.errors import ApiError
 
 
 class ConsoleRoutes(APIBase):
+    def __init__(self, deps: APIDeps) -> None:
+        super().__init__(deps)
+        self._console_files = ConsoleFiles()
+
     @app.route("/console", methods=["GET", "HEAD"])
     def console_root(self, request: Any) -> bytes:
         """Relative, so it also holds behind a proxy that serves the gateway under a prefix."""
@@ -21,7 +25,7 @@ class ConsoleRoutes(APIBase):
     @app.route("/console/", branch=True, methods=["GET", "HEAD"])
     def console(self, request: Any) -> Resource:
         """The static pages, without the key: they hold no data (see ``elevgw.north.console``)."""
-        return console_files()
+        return self._console_files
 
     @app.route("/api/v1/status", methods=["GET"])
     async def node_status(self, request: Any) -> bytes:
