@@ -528,6 +528,34 @@ async def test_store_starts_without_redis_and_connects_when_it_appears(redis_url
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_call_made_while_the_store_starts_waits_for_the_first_connection(redis_url):
+    """The event log and the cluster lease call the store as the gateway starts: that the
+    connection is not up yet must not read as a failure."""
+    store = RedisStore(redis_url, timeout=2.0)
+    starting = store.start()
+    try:
+        assert await within(store.ping()) is None
+        await within(starting)
+    finally:
+        await within(store.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_made_while_the_store_starts_without_redis_fails_within_the_timeout(
+    redis_url, redis_server
+):
+    redis_server.stop()
+    store = RedisStore(redis_url, timeout=0.5)
+    starting = store.start()
+    try:
+        error, took = await failure_of(store.ping())
+        assert isinstance(error, StoreUnavailable) and took <= store.timeout + 0.5
+        await within(starting)
+    finally:
+        await within(store.stop())
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_password_fails_start(redis_url, redis_server):
     redis_server.command("CONFIG", "SET", "requirepass", "right")
     try:

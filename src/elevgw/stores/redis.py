@@ -10,7 +10,8 @@ described in ``docs/redis.rst`` and must not change without a migration note:
 - ``{prefix}log:{id}``: stream of the device's logs, fields ``ts`` (epoch milliseconds) and
   ``payload`` (JSON text), entry ids ``<ts>-<n>``, capped with ``MAXLEN ~ log_maxlen``.
 
-Failures: every call fails with ``StoreUnavailable`` at once while there is no connection, and
+Failures: every call fails with ``StoreUnavailable`` at once while there is no connection (a
+call made while ``start()`` still waits for the first one waits with it), and
 after ``timeout`` seconds when Redis does not answer (the connection is then dropped, since
 nothing more is expected on it). txredisapi reconnects in the background with a capped backoff,
 so the same store works again once Redis is back. One connection carries every command, so
@@ -284,6 +285,8 @@ class RedisStore:
         self._reactor = reactor
         self._factory: txredisapi.RedisFactory | None = None
         self._start_wait: tuple[Any, Deferred] | None = None
+        #: Calls made while ``start()`` still waits for the first connection.
+        self._first_connection: list[Deferred] = []
 
     def device_key(self, device_id: str) -> str:
         return f"{self.prefix}device:{device_id}"
@@ -316,6 +319,7 @@ class RedisStore:
                 timeout=self.timeout,
             )
             self._start_wait = None
+            self._release_first_callers()
             started.callback(None)
 
         self._start_wait = (self._reactor.callLater(self.timeout, give_up_waiting), started)
@@ -354,7 +358,13 @@ class RedisStore:
             return None
         timer, started = wait
         timer.cancel()
+        self._release_first_callers()
         return started
+
+    def _release_first_callers(self) -> None:
+        waiting, self._first_connection = self._first_connection, []
+        for caller in waiting:
+            caller.callback(None)
 
     def stop(self) -> Deferred:
         """Stop reconnecting and close the connection; calls in flight fail. Fires when closed.
@@ -379,6 +389,13 @@ class RedisStore:
         # a connection comes back, however long that takes.
         connection = next((c for c in factory.pool if c.connected), None)
         if connection is None:
+            if self._start_wait is not None:
+                # Still connecting for the first time: wait as ``start()`` does (at most
+                # ``timeout``), so the parts that start with the store (event log, cluster
+                # lease) do not report a failure that is only the connection not being up yet.
+                first: Deferred = Deferred()
+                self._first_connection.append(first)
+                return first.addCallback(lambda _: self._request(send))
             return fail(StoreUnavailable(f"redis: not connected to {self.address}"))
         try:
             d = send(connection)
