@@ -16,7 +16,6 @@ from elevgw.cluster.bus import BUS_OK, Bus
 from elevgw.cluster.keys import ClusterKeys
 from elevgw.cluster.leases import LeaseKeeper
 from elevgw.cluster.reaper import Reaper
-from elevgw.cluster.redis_calls import StoreCalls
 from elevgw.events.model import IEventSink
 from elevgw.presence.redis import LeaseLost, RedisPresence
 from elevgw.stores.redis import RedisStore
@@ -63,7 +62,7 @@ class NoSessions:
 async def redis_calls(redis_url):
     store = RedisStore(redis_url, reactor=reactor, timeout=2.0)
     await store.start()
-    yield StoreCalls(store)
+    yield store.connection
     await store.stop()
 
 
@@ -245,9 +244,8 @@ async def test_a_reaper_that_dies_mid_way_loses_nothing(redis_calls, redis_serve
 @pytest_twisted.ensureDeferred
 async def test_the_bus_subscribes_again_after_missed_probes(redis_calls, redis_url):
     clock = Clock()
-    store = redis_calls._store
     bus = Bus(
-        redis_calls, store.address, KEYS, lambda: "n1/probe", clock, reactor, probe_every=1.0
+        redis_calls, redis_calls.address, KEYS, lambda: "n1/probe", clock, reactor, probe_every=1.0
     )
     bus.startService()
     try:

@@ -66,13 +66,15 @@ def make_store(settings: Settings, reactor: Any) -> IDeviceStore:
         return SQLiteStore(spec.path, reactor)
     # Imported only when chosen: importing txredisapi installs the global reactor.
     from elevgw.stores.redis import RedisStore
+    from elevgw.stores.redis_connection import RedisConnection
 
+    # The connection is its own part of the service tree, shared by the store, the event
+    # log and the cluster (``GatewayService`` starts it before them and stops it after).
     return RedisStore(
         settings.store,
         prefix=settings.redis_prefix,
         log_maxlen=settings.log_maxlen,
-        reactor=reactor,
-        timeout=settings.store_timeout,
+        connection=RedisConnection(settings.store, reactor, settings.store_timeout),
     )
 
 
@@ -211,6 +213,9 @@ class GatewayService(MultiService):
 
         self.watchdog.setServiceParent(self)
         ThreadPoolService(threadpool).setServiceParent(self)
+        connection = getattr(raw_store, "connection", None)
+        if connection is not None and not getattr(raw_store, "owns_connection", True):
+            self._add_resource(connection, "--store " + _store_display(settings.store))
         self._add_resource(self.store, "--store " + _store_display(settings.store))
         if isinstance(raw_store, SQLiteStore):
             self._add_resource(SQLiteNodeCheck(raw_store, settings.node_id, raw_store.path))
@@ -257,10 +262,9 @@ class GatewayService(MultiService):
         if getattr(raw_store, "name", None) != "redis":
             return None
         from elevgw.cluster.node import ClusterNode
-        from elevgw.cluster.redis_calls import StoreCalls
 
         return ClusterNode(
-            StoreCalls(raw_store),
+            raw_store.connection,
             raw_store.address,
             self.settings.redis_prefix,
             self.settings.node_id,

@@ -59,6 +59,7 @@ class RemoteError(Exception):
 
 class _Subscriber(txredisapi.SubscriberProtocol):
     def connectionMade(self) -> Any:
+        self.transport.setTcpNoDelay(True)
         d = super().connectionMade()
         bus = self.factory.bus  # type: ignore[attr-defined]
         if isinstance(d, Deferred):

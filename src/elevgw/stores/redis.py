@@ -23,17 +23,12 @@ the reactor is chosen (the service maker does so lazily, when the store is ``red
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
-import txredisapi
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from elevgw.stores.interfaces import (
@@ -41,23 +36,15 @@ from elevgw.stores.interfaces import (
     DevicePosition,
     IDeviceStore,
     LogEntry,
-    StoreUnavailable,
     fold_query,
 )
-from elevgw.stores.redis_url import parse_redis_url
+from elevgw.stores.redis_connection import RedisConnection, Script
 from elevgw.util import dumps_json
 
 log = Logger()
 
 
-@attrs.frozen
-class _Script:
-    source: str
-    sha1: str = attrs.field(init=False)
-
-    @sha1.default
-    def _sha1(self) -> str:
-        return hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+_Script = Script
 
 
 _ADD_DEVICE = _Script(
@@ -233,12 +220,6 @@ def _log_entry(entry: Sequence[Any]) -> LogEntry:
     return LogEntry(ts=int(fields["ts"]), payload=json.loads(fields["payload"]))
 
 
-def _unavailable(failure: Failure):
-    if failure.check(txredisapi.RedisError):
-        raise StoreUnavailable(f"redis: {failure.getErrorMessage()}")
-    return failure
-
-
 @implementer(IDeviceStore)
 class RedisStore:
     """``IDeviceStore`` on Redis.
@@ -251,13 +232,14 @@ class RedisStore:
     ``start()`` fires once connected, or after ``timeout`` with a logged warning if Redis cannot
     be reached: the gateway then runs and answers 503 until Redis is back. It fails only when
     Redis refuses the configuration (wrong password, bad database number), which no retry fixes.
+
+    ``connection``: a ``RedisConnection`` shared with other parts (the cluster, the event log),
+    started and stopped by its owner; without one the store makes and owns its own.
     """
 
     name = "redis"
 
-    #: Longest wait, in seconds, between reconnection attempts while Redis is down; the first
-    #: retry comes after one second and the delay grows by a factor of e up to this.
-    reconnect_max_delay = 5.0
+    reconnect_max_delay = RedisConnection.reconnect_max_delay
 
     #: Most devices one ``page_devices`` call examines, bounding how long a search holds Redis.
     page_scan_budget = 2000
@@ -269,24 +251,19 @@ class RedisStore:
         log_maxlen: int = 10000,
         reactor: Any = None,
         timeout: float = 2.0,
+        connection: RedisConnection | None = None,
     ) -> None:
         if log_maxlen < 1:
             raise ValueError(f"log_maxlen must be at least 1, not {log_maxlen}")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, not {timeout}")
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
-        self.address = parse_redis_url(url)
+        #: Whether ``start``/``stop`` start and stop the connection (else its owner does).
+        self.owns_connection = connection is None
+        if connection is None:
+            connection = RedisConnection(url, reactor, timeout)
+        self.connection = connection
+        self.address = connection.address
         self.prefix = prefix
         self.log_maxlen = log_maxlen
-        self.timeout = timeout
-        self._reactor = reactor
-        self._factory: txredisapi.RedisFactory | None = None
-        self._start_wait: tuple[Any, Deferred] | None = None
-        #: Calls made while ``start()`` still waits for the first connection.
-        self._first_connection: list[Deferred] = []
+        self.timeout = connection.timeout
 
     def device_key(self, device_id: str) -> str:
         return f"{self.prefix}device:{device_id}"
@@ -298,135 +275,24 @@ class RedisStore:
         return f"{self.prefix}log:{device_id}"
 
     def start(self) -> Deferred:
-        factory = txredisapi.RedisFactory(
-            uuid=f"{self.address.host}:{self.address.port}",
-            dbid=self.address.db,
-            poolsize=1,
-            isLazy=True,
-            username=self.address.username,
-            password=self.address.password,
-            convertNumbers=False,
-        )
-        factory.maxDelay = self.reconnect_max_delay
-        self._factory = factory
-        started: Deferred = Deferred()
-
-        def give_up_waiting() -> None:
-            log.warn(
-                "redis store: {address} not reachable within {timeout} s;"
-                " answering 'store unavailable' until it is",
-                address=self.address,
-                timeout=self.timeout,
-            )
-            self._start_wait = None
-            self._release_first_callers()
-            started.callback(None)
-
-        self._start_wait = (self._reactor.callLater(self.timeout, give_up_waiting), started)
-
-        def connected(_) -> None:
-            if self._end_start_wait() is not None:
-                started.callback(None)
-            else:
-                log.info("redis store: connected to {address}", address=self.address)
-
-        def refused(failure: Failure) -> None:
-            if self._factory is not factory:
-                return  # closed by stop() during the handshake
-            # txredisapi stops reconnecting for good when AUTH or SELECT fails.
-            log.error(
-                "redis store: {address} refused the connection: {reason};"
-                " the store stays unavailable until the gateway is restarted",
-                address=self.address,
-                reason=failure.getErrorMessage(),
-            )
-            if self._end_start_wait() is not None:
-                reason = StoreUnavailable(f"{self.address}: {failure.getErrorMessage()}")
-                self.stop().addBoth(lambda _: started.errback(reason))
-
-        factory.deferred.addCallbacks(connected, refused)
-        endpoint = HostnameEndpoint(
-            self._reactor, self.address.host, self.address.port, timeout=self.timeout
-        )
-        factory.startConnecting(endpoint)
-        return started
-
-    def _end_start_wait(self) -> Deferred | None:
-        """Cancel ``start()``'s timer; return its unfired Deferred, if it was still waiting."""
-        wait, self._start_wait = self._start_wait, None
-        if wait is None:
-            return None
-        timer, started = wait
-        timer.cancel()
-        self._release_first_callers()
-        return started
-
-    def _release_first_callers(self) -> None:
-        waiting, self._first_connection = self._first_connection, []
-        for caller in waiting:
-            caller.callback(None)
+        """Start the store's own connection (a shared one is started by its owner)."""
+        if not self.owns_connection:
+            return succeed(None)
+        return self.connection.start()
 
     def stop(self) -> Deferred:
-        """Stop reconnecting and close the connection; calls in flight fail. Fires when closed.
-
-        A ``start()`` still waiting for its first connection fires now, as if Redis had been
-        unreachable.
-        """
-        started = self._end_start_wait()
-        if started is not None:
-            started.callback(None)
-        factory, self._factory = self._factory, None
-        if factory is None:
+        if not self.owns_connection:
             return succeed(None)
-        return factory.disconnect().addCallback(lambda _: None)
+        return self.connection.stop()
 
     def _request(self, send: Callable[[Any], Deferred]) -> Deferred:
-        """Run ``send(connection)`` under the deadline, mapping driver errors to ours."""
-        factory = self._factory
-        if factory is None:
-            return fail(StoreUnavailable("redis store is not started"))
-        # Failing at once, instead of through txredisapi's handler, which queues the call until
-        # a connection comes back, however long that takes.
-        connection = next((c for c in factory.pool if c.connected), None)
-        if connection is None:
-            if self._start_wait is not None:
-                # Still connecting for the first time: wait as ``start()`` does (at most
-                # ``timeout``), so the parts that start with the store (event log, cluster
-                # lease) do not report a failure that is only the connection not being up yet.
-                first: Deferred = Deferred()
-                self._first_connection.append(first)
-                return first.addCallback(lambda _: self._request(send))
-            return fail(StoreUnavailable(f"redis: not connected to {self.address}"))
-        try:
-            d = send(connection)
-        except Exception:
-            return fail().addErrback(_unavailable)
-
-        def timed_out(result, timeout):
-            # Nothing will ever answer the calls queued behind this one: drop the connection
-            # (they fail now) and let txredisapi open a fresh one.
-            if connection.connected:
-                connection.transport.abortConnection()
-            raise StoreUnavailable(f"redis: {self.address} did not answer within {timeout} s")
-
-        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
-        return d.addErrback(_unavailable)
+        return self.connection.request(send)
 
     def _command(self, *args) -> Deferred:
-        return self._request(lambda connection: connection.execute_command(*args))
+        return self.connection.command(*args)
 
     def _script(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Deferred:
-        def send(connection) -> Deferred:
-            def load_script(failure: Failure):
-                failure.trap(txredisapi.ResponseError)
-                if not failure.getErrorMessage().startswith("NOSCRIPT"):
-                    return failure
-                return connection.execute_command("EVAL", script.source, len(keys), *keys, *args)
-
-            d = connection.execute_command("EVALSHA", script.sha1, len(keys), *keys, *args)
-            return d.addErrback(load_script)
-
-        return self._request(send)
+        return self.connection.script(script, keys, args)
 
     def ping(self) -> Deferred:
         return self._command("PING").addCallback(lambda _: None)
