@@ -10,15 +10,16 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock, deferLater
-from zope.interface import implementer
 
 from elevgw.cluster.bus import BUS_OK, Bus
 from elevgw.cluster.keys import ClusterKeys
 from elevgw.cluster.leases import LeaseKeeper
+from elevgw.cluster.lifecycle import ClusterAnnouncer
 from elevgw.cluster.reaper import Reaper
-from elevgw.events.model import IEventSink
+from elevgw.core.sessions import SessionRegistry
 from elevgw.presence.redis import LeaseLost, RedisPresence
 from elevgw.stores.redis import RedisStore
+from elevgw.testing import FakeConnection, RecordingSink
 
 pytest_plugins = ["redis_support"]
 
@@ -36,21 +37,6 @@ async def eventually(check, timeout: float) -> None:
             return
         assert time.monotonic() < deadline, f"still false after {timeout} s"
         await deferLater(reactor, 0.02, lambda: None)
-
-
-@implementer(IEventSink)
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list = []
-
-    def emit(self, event) -> None:
-        self.events.append(event)
-
-    def drain(self, timeout):
-        raise NotImplementedError
-
-    def stop(self):
-        raise NotImplementedError
 
 
 class NoSessions:
@@ -197,7 +183,7 @@ async def dead_instance_with(redis_calls, redis_server, count: int) -> tuple[str
     return lease.instance, devices
 
 
-def reaper(redis_calls, name: str, sink: ListSink, **kwargs) -> Reaper:
+def reaper(redis_calls, name: str, sink: RecordingSink, **kwargs) -> Reaper:
     return Reaper(redis_calls, KEYS, sink, Clock(), consumer=lambda: name, batch=50, **kwargs)
 
 
@@ -209,7 +195,7 @@ async def test_survivors_reaping_at_once_report_each_device_once(redis_calls, re
     redis_server.command("ZADD", KEYS.leases, "9999999999999", "n2/x")
     await other.claim(devices[0], "ses_new")
 
-    sinks = [ListSink() for _ in range(3)]
+    sinks = [RecordingSink() for _ in range(3)]
     reapers = [reaper(redis_calls, f"r{i}", sink) for i, sink in enumerate(sinks)]
     await DeferredList([r.tick() for r in reapers])
     await DeferredList([r.tick() for r in reapers])
@@ -227,13 +213,13 @@ async def test_survivors_reaping_at_once_report_each_device_once(redis_calls, re
 @pytest_twisted.ensureDeferred
 async def test_a_reaper_that_dies_mid_way_loses_nothing(redis_calls, redis_server):
     await dead_instance_with(redis_calls, redis_server, 40)
-    dying = reaper(redis_calls, "dying", ListSink())
+    dying = reaper(redis_calls, "dying", RecordingSink())
     while await dying.reap_once():
         pass
     await dying._ensure_group()
     taken = await dying._read_outbox()  # read, then the node dies before emitting
     assert len(taken) == 40
-    survivor_sink = ListSink()
+    survivor_sink = RecordingSink()
     survivor = reaper(redis_calls, "survivor", survivor_sink, claim_idle=0.0)
     await survivor.tick()
     assert sorted(e.device_id for e in survivor_sink.events) == [f"dev_{i:04d}" for i in range(40)]
@@ -265,3 +251,42 @@ async def test_the_bus_subscribes_again_after_missed_probes(redis_calls, redis_u
         await eventually(lambda: bus.missed_probes == 0 and bus.state == BUS_OK, timeout=5)
     finally:
         await bus.stopService()
+
+
+class OwnInstance:
+    """The bus as the announcer sees it when no other node is involved."""
+
+    def __init__(self, instance) -> None:
+        self.instance = instance
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_whose_kick_was_lost_is_closed_once_the_inbox_is_heard_again(
+    redis_calls, redis_server
+):
+    clock = Clock()
+    lease = keeper(redis_calls, clock)
+    await tick(lease)
+    sink = RecordingSink()
+    registry = SessionRegistry(clock, sink, 30.0)
+    presence = RedisPresence(redis_calls, KEYS, registry, "n1", lambda: lease.instance)
+    announcer = ClusterAnnouncer(
+        presence, OwnInstance(lambda: lease.instance), registry, sink, clock, "n1"
+    )
+    registry.announcer = announcer
+    moved, stays = FakeConnection(), FakeConnection()
+    registry.attach("dev_moved", moved)
+    registry.attach("dev_stays", stays)
+    await eventually(lambda: len(sink.events) == 2, timeout=5)
+    # Another node claims dev_moved while this one does not hear its inbox.
+    redis_server.command("ZADD", KEYS.leases, "9999999999999", "n2/x")
+    other = RedisPresence(redis_calls, KEYS, NoSessions(), "n2", lambda: "n2/x")
+    await other.claim("dev_moved", "ses_elsewhere")
+
+    assert await announcer.reconcile() == 1
+    assert moved.closed_with == (4001, "taken over by another node")
+    assert stays.closed_with is None and registry.get("dev_stays") is not None
+    clock.advance(0)
+    await announcer.settled()
+    assert [e.status for e in sink.events] == ["online", "online"]  # no offline for it
+    assert (await presence.holder("dev_moved")).node_id == "n2"

@@ -109,6 +109,8 @@ class Bus(Service):
         self.metrics = metrics
         self.error_codes = error_codes or (lambda e: ("internal", type(e).__name__))
         self.handlers: dict[str, Callable[[dict], Any]] = {}
+        #: Called each time the inbox is listened to again (calls may have been missed).
+        self.on_subscribed: list[Callable[[], None]] = []
         self._pending: dict[str, tuple[Deferred, str]] = {}
         self._factory: Any = None
         self._protocol: Any = None
@@ -206,6 +208,11 @@ class Bus(Service):
             if self._protocol is protocol:
                 self._channel = wanted
                 self.log.info("cluster bus: listening on {channel}", channel=wanted)
+                for callback in self.on_subscribed:
+                    try:
+                        callback()
+                    except Exception:
+                        self.log.failure("cluster bus: on_subscribed failed")
 
         d.addCallback(subscribed)
         if old is not None:

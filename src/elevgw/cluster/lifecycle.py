@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from elevgw.cluster.bus import Bus
-from elevgw.core.sessions import DeviceSession, SessionRegistry
+from elevgw.core.sessions import CLOSE_TAKEN_OVER, DeviceSession, SessionRegistry
 from elevgw.events import model as events
 from elevgw.presence.redis import Claimed, RedisPresence
 from elevgw.util import clock_ms
@@ -221,6 +221,44 @@ class ClusterAnnouncer:
         if self._flush_timer is not None and self._flush_timer.active():
             self._flush_timer.cancel()
         return self.flush()
+
+    async def reconcile(self) -> int:
+        """Close (4001, silently) the sessions presence says have moved to another node.
+
+        Run when the inbox is listened to again: a kick sent while this node was not
+        listening is lost, and this finds its session. A session whose claim is still
+        being announced is left alone; so is one with no entry (Redis lost its data: the
+        lease keeper writes those back). Returns how many were closed.
+        """
+        sessions = [
+            session
+            for session in self._registry.sessions()
+            if session.session_id not in self._announcing
+        ]
+        closed = 0
+        for start in range(0, len(sessions), RELEASE_CHUNK):
+            chunk = sessions[start : start + RELEASE_CHUNK]
+            placements = await self._presence.locate([s.device_id for s in chunk])
+            for session in chunk:
+                placement = placements.get(session.device_id)
+                if session.ended or placement is None:
+                    continue
+                if placement.session_id != session.session_id:
+                    closed += 1
+                    self._registry.end(
+                        session,
+                        events.ONLINE_TAKEOVER,
+                        CLOSE_TAKEN_OVER,
+                        announce=False,
+                        why="taken over by another node",
+                    )
+        if closed:
+            self.log.warn(
+                "cluster: {closed} sessions had moved to other nodes while the inbox was"
+                " not heard; closed (4001)",
+                closed=closed,
+            )
+        return closed
 
     def pending_releases(self) -> int:
         return len(self._releases)

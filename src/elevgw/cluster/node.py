@@ -88,6 +88,7 @@ class ClusterNode(MultiService):
             self.presence, self.bus, registry, event_sink, reactor, node_id, metrics=self.metrics
         )
         registry.announcer = self.announcer
+        self.bus.on_subscribed.append(self._reconcile)
         self.reaper = Reaper(
             redis,
             keys,
@@ -149,6 +150,15 @@ class ClusterNode(MultiService):
             )
 
         return d.addCallback(reasserted)
+
+    def _reconcile(self) -> None:
+        d = Deferred.fromCoroutine(self.announcer.reconcile())
+        d.addErrback(
+            lambda f: self.log.warn(
+                "cluster: checking sessions against presence failed: {error}",
+                error=f.getErrorMessage(),
+            )
+        )
 
     def _reaped(self, instance: str) -> None:
         self.bus.fail_calls_to(instance, NodeUnreachable(f"{instance} was reaped"))
