@@ -118,3 +118,20 @@ def test_a_refusal_is_a_whole_http_answer():
         b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\n"
         b"Connection: close\r\n\r\nbusy\n"
     )
+
+
+@pytest.mark.parametrize(
+    "request_line", [b"GET /healthz", b"GET /nowhere", b"POST /api/send", b"GET /metrics"]
+)
+@pytest_twisted.ensureDeferred
+async def test_the_api_port_names_no_software_either(gateway, request_line):
+    port = gateway.service.api_port()
+    request = request_line + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+    if request_line.startswith(b"POST"):
+        request += b"Content-Length: 2\r\n\r\n{}"
+    else:
+        request += b"\r\n"
+    status, headers, body = await raw(port, request)
+    assert status in (200, 400, 404)
+    assert "server" not in headers
+    assert b"twisted" not in body.lower()

@@ -82,6 +82,12 @@ class APIRequest(LimitedRequest):
         self.started = self.channel.site.clock.seconds()  # type: ignore[attr-defined]
         super().process()
 
+    def render(self, resrc: Any) -> None:
+        # Twisted's ``process`` has just set ``Server: TwistedWeb/<version>``: the API, like
+        # the device port, does not say what software it runs.
+        self.responseHeaders.removeHeader(b"server")
+        super().render(resrc)
+
 
 class APISite(Site):
     """The API's ``Site``: counts requests and latency instead of writing an access log line
