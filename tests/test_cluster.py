@@ -4,6 +4,7 @@ backend talking to them over real sockets, nodes killed with SIGKILL, Redis rest
 from __future__ import annotations
 
 import base64
+import time
 from collections import Counter
 
 import pytest_twisted
@@ -171,7 +172,13 @@ async def test_a_killed_node_s_devices_go_offline_once_each_and_moved_ones_not_a
     status, body = await a.call("GET", "/api/v1/devices")
     assert Counter(d["node"] for d in body["devices"]) == {"c": 220}
 
+    # A snapshot asked through a of a device on c, which never answers: c dies meanwhile.
+    asked = _ensure(
+        a.call("GET", f"/api/v1/devices/remote/{devices[-1]['device_id']}/snapshot?timeout=60")
+    )
+    await sockets[devices[-1]["device_id"]].frame()
     c.kill()
+    killed_at = time.monotonic()
     # 20 devices notice first and come back through a before the lease has run out.
     moved = devices[:20]
     for creds in moved:
@@ -181,6 +188,10 @@ async def test_a_killed_node_s_devices_go_offline_once_each_and_moved_ones_not_a
     # are reaped: one node_lost each, whoever reaps.
     await eventually(lambda: len(cluster.statuses(status="offline")) >= 200, timeout=LEASE * 10)
     await sleep(LEASE * 2)
+    # The waiting call ended once c was known dead, not at its own 60 s timeout.
+    status, body = await asked
+    assert status == 504 and body["error"] == "device_disconnected", body
+    assert time.monotonic() - killed_at < LEASE * 6
     offline = cluster.statuses(status="offline")
     assert len(offline) == 200
     assert {e["reason"] for e in offline} == {"node_lost"}

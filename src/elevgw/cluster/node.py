@@ -17,7 +17,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from elevgw.cluster.bus import BUS_DOWN, BUS_OK, Bus, NodeUnreachable
+from elevgw.cluster.bus import BUS_DOWN, BUS_OK, Bus, RemoteError
 from elevgw.cluster.keys import ClusterKeys
 from elevgw.cluster.leases import LeaseKeeper
 from elevgw.cluster.lifecycle import ClusterAnnouncer
@@ -161,7 +161,10 @@ class ClusterNode(MultiService):
         )
 
     def _reaped(self, instance: str) -> None:
-        self.bus.fail_calls_to(instance, NodeUnreachable(f"{instance} was reaped"))
+        # Calls still waiting on it (a snapshot, a wait) end now: its devices went with it.
+        self.bus.fail_calls_to(
+            instance, RemoteError("device_disconnected", f"node {instance} was lost")
+        )
 
     # -- the gateway's view
 
