@@ -50,6 +50,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 LOADGEN = os.path.join(HERE, "loadgen.py")
+FLOODER = os.path.join(HERE, "flooder.py")
 BASELINE = os.path.join(HERE, "baseline.py")
 SCENARIOS = ("flood", "capacity", "storm", "commands", "snapshots")
 WITH_BASELINE = ("flood", "capacity", "storm")
@@ -376,6 +377,35 @@ def provision(args, count: int, db_path: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def start_flooder(args, params: dict, server: Server) -> subprocess.Popen:
+    """``bench/flooder.py`` as the device after the scenario's own, pinned beside the load
+    generator, until ``stop_flooder``."""
+    command = [
+        "taskset",
+        "-c",
+        args.loadgen_cpu,
+        sys.executable,
+        FLOODER,
+        "--ws-url",
+        f"ws://127.0.0.1:{server.ws_port}/ws",
+        "--credentials",
+        args.credentials,
+        "--index",
+        str(params["devices"]),
+        "--duration",
+        str(params["duration"] + 600),
+    ]
+    print(f"[flooder] {shlex.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+
+def stop_flooder(flooder: subprocess.Popen) -> dict:
+    flooder.send_signal(signal.SIGTERM)
+    out, _ = flooder.communicate(timeout=30)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": f"exit {flooder.returncode}"}
+
+
 def run_one(args, name: str, target: str, profile_dir: str | None) -> dict:
     params = scenario_params(args, name)
     folder = tempfile.mkdtemp(prefix=f"elevgw-bench-{name}-{target}-", dir=args.tmpdir)
@@ -390,8 +420,11 @@ def run_one(args, name: str, target: str, profile_dir: str | None) -> dict:
     }
     try:
         if target != "baseline":
+            # With --flooder, one more device: the flooder's, not one of the scenario's.
             record["provision"] = provision(
-                args, params["devices"], os.path.join(folder, "elevgw.sqlite3")
+                args,
+                params["devices"] + bool(args.flooder),
+                os.path.join(folder, "elevgw.sqlite3"),
             )
         server = Server(args, target, folder, SCENARIO_GATEWAY_ARGS.get(name))
         server.start()
@@ -400,6 +433,7 @@ def run_one(args, name: str, target: str, profile_dir: str | None) -> dict:
         sampler.start()
         time.sleep(args.settle)
         idle = sampler.sample()
+        flooder = start_flooder(args, params, server) if args.flooder else None
         command = loadgen_command(args, name, params, server)
         print(f"[{name}/{target}] {shlex.join(command)}", file=sys.stderr, flush=True)
         loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -418,6 +452,8 @@ def run_one(args, name: str, target: str, profile_dir: str | None) -> dict:
             elif "mode" in event:
                 result = event
         loadgen.wait(timeout=60)
+        if flooder is not None:
+            record["flooder"] = stop_flooder(flooder)
         sampler.stop()
         profile = profiler.finish()
         if result is None:
@@ -934,6 +970,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pythonpath", help="run the gateway from this source tree")
     parser.add_argument("--label", default="")
+    parser.add_argument(
+        "--flooder",
+        action="store_true",
+        help="one more device flooding log frames beside each scenario (bench/flooder.py)",
+    )
     parser.add_argument(
         "--commit", help="what to record as the gateway's commit (with --pythonpath)"
     )
