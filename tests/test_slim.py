@@ -102,6 +102,14 @@ def test_listening_to_messages_gives_a_slim_connection_its_event_registry_back()
     assert "_results" in vars(harness.protocol)
 
 
+def test_listening_to_messages_takes_a_connection_off_the_lean_path():
+    harness = Harness(lean=True, slim=True)
+    heard = []
+    harness.protocol.on("message", lambda payload, is_binary: heard.append(payload))
+    harness.feed(client_frame(1, HEARTBEAT))
+    assert heard == [HEARTBEAT] and not harness.protocol._lean
+
+
 @pytest_twisted.ensureDeferred
 async def test_devices_are_served_with_slim_connections_off(gateway_factory):
     gateway = await gateway_factory(slim_connections=False)

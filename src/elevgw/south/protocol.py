@@ -152,6 +152,8 @@ class DeviceProtocol(PlainRefusalsProtocol):
     def on(self, event, handler):
         if self.slim_enabled:
             slim.restore_events(self)
+        if event == "message":
+            self._lean = False  # the lean path does not fire Autobahn's message event
         super().on(event, handler)
 
     def onOpen(self):
