@@ -145,6 +145,8 @@ async def test_snapshot_of_an_offline_device_is_404(gateway):
         "GET", "/api/v1/devices/remote/{}/snapshot".format(creds["device_id"])
     )
     assert (status, body["error"]) == (404, "device_offline")
+    status, body = await gateway.call("GET", "/api/v1/devices/remote/dev_nobody/snapshot")
+    assert (status, body["error"]) == (404, "unknown_device")
 
 
 @pytest_twisted.ensureDeferred

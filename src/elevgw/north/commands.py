@@ -17,6 +17,7 @@ MAX_SNAPSHOT_TIMEOUT = 120.0
 #: ``elevgw_snapshot_requests_total`` outcome for the error codes a snapshot request can end in.
 _SNAPSHOT_OUTCOMES = {
     "device_offline": "offline",
+    "unknown_device": "offline",
     "device_timeout": "timeout",
     "device_disconnected": "disconnected",
 }
@@ -78,10 +79,16 @@ class CommandRoutes(APIBase):
         try:
             snapshot = await self.commands.request(device_id, SNAPSHOT_COMMAND, None, timeout)
         except Exception as e:
-            error = error_for(e)
+            failed: Exception = e
+            if isinstance(e, DeviceOffline):
+                try:
+                    await self._offline_or_unknown(request, device_id)
+                except Exception as known:  # unknown_device, or device_offline as before
+                    failed = known
+            error = error_for(failed)
             outcome = _SNAPSHOT_OUTCOMES.get(error.code, "failed") if error else "failed"
             outcomes.labels(outcome).inc()
-            raise
+            raise failed
         outcomes.labels("ok").inc()
         return self._json(
             request,
