@@ -108,6 +108,17 @@ async def test_any_node_lists_and_reaches_a_device_on_any_node(cluster):
     status, metrics = await b.call("GET", "/metrics")
     assert b'elevgw_cluster_routed_seconds_count{kind="send",outcome="ok"} 1.0' in metrics
 
+    # SIGTERM: a's device gets its offline (shutdown) event, and is offline for b at once.
+    (last,) = await register(b)
+    leaving = await connect(a, last)
+    await eventually(lambda: cluster.statuses(last["device_id"], "online"))
+    a.stop()
+    code, _ = await leaving.closed
+    assert code == 1001
+    await eventually(lambda: cluster.statuses(last["device_id"], "offline"))
+    assert [e["reason"] for e in cluster.statuses(last["device_id"], "offline")] == ["shutdown"]
+    assert await held_by(b, last["device_id"]) is None
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_device_moving_between_nodes_is_one_takeover_and_never_offline(cluster):
@@ -123,7 +134,9 @@ async def test_a_device_moving_between_nodes_is_one_takeover_and_never_offline(c
     await eventually(lambda: len(cluster.statuses(device_id, "online")) == 2)
     online = cluster.statuses(device_id, "online")
     assert online[0]["reason"] == "connected"
+    assert online[0]["node"] == "a"
     assert online[1]["reason"] == "takeover" and online[1]["previous_node"] == "a"
+    assert online[1]["node"] == "b"
     assert 150 <= online[1]["gap_ms"] < 5000
     assert await held_by(a, device_id) == "b"
 
@@ -194,7 +207,7 @@ async def test_a_killed_node_s_devices_go_offline_once_each_and_moved_ones_not_a
     assert time.monotonic() - killed_at < LEASE * 6
     offline = cluster.statuses(status="offline")
     assert len(offline) == 200
-    assert {e["reason"] for e in offline} == {"node_lost"}
+    assert {(e["reason"], e["node"]) for e in offline} == {("node_lost", "c")}
     assert len({e["device_id"] for e in offline}) == 200
     assert len({e["event_id"] for e in offline}) == 200
     assert not moved_ids & {e["device_id"] for e in offline}

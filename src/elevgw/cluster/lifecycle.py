@@ -144,6 +144,7 @@ class ClusterAnnouncer:
                 clock_ms(self._clock),
                 previous_node=previous_node,
                 gap_ms=gap_ms,
+                node=self._node_id,
             )
         )
 
@@ -199,7 +200,9 @@ class ClusterAnnouncer:
             for (session, reason, ended_ms), was_current in zip(chunk, deleted, strict=True):
                 if was_current and reason:
                     self._events.emit(
-                        events.DeviceStatus(session.device_id, "offline", reason, ended_ms)
+                        events.DeviceStatus(
+                            session.device_id, "offline", reason, ended_ms, node=self._node_id
+                        )
                     )
 
         def failed(failure: Failure) -> None:

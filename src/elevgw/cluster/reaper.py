@@ -245,5 +245,6 @@ class Reaper(Service):
                 events.OFFLINE_NODE_LOST,
                 int(entry["ts"]),
                 event_id=entry["event_id"],
+                node=entry["node"],
             )
         )

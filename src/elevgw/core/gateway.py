@@ -82,6 +82,7 @@ class Gateway:
             metrics=metrics,
             lifecycle_lines_per_second=lifecycle_log_rate,
         )
+        self.registry.announcer.node_id = node_id
         self.commands = CommandRouter(self.registry, clock, metrics)
         self._frames_in = metrics.frames_in
         self._frames_out = metrics.frames_out

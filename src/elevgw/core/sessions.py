@@ -73,18 +73,25 @@ class LocalAnnouncer:
     whole truth. A cluster replaces it (``elevgw.cluster.lifecycle``) with one that first
     settles in Redis whether the device moved, and emits only what that says."""
 
-    def __init__(self, event_sink: events.IEventSink, clock: Any) -> None:
+    def __init__(
+        self, event_sink: events.IEventSink, clock: Any, node_id: str | None = None
+    ) -> None:
         self._events = event_sink
         self._clock = clock
+        self.node_id = node_id
 
     def online(self, session: DeviceSession, reason: str, previous: DeviceSession | None) -> None:
         self._events.emit(
-            events.DeviceStatus(session.device_id, "online", reason, clock_ms(self._clock))
+            events.DeviceStatus(
+                session.device_id, "online", reason, clock_ms(self._clock), node=self.node_id
+            )
         )
 
     def offline(self, session: DeviceSession, reason: str) -> None:
         self._events.emit(
-            events.DeviceStatus(session.device_id, "offline", reason, clock_ms(self._clock))
+            events.DeviceStatus(
+                session.device_id, "offline", reason, clock_ms(self._clock), node=self.node_id
+            )
         )
 
 

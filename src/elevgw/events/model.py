@@ -31,7 +31,8 @@ class DeviceStatus:
     may have been unreachable (``gap_ms``: from its last frame on the old node, or the old
     node's last lease renewal if it died, to the new connection). ``event_id`` is set when
     the id must be the same wherever and however often the event is produced (a dead node's
-    devices, reported by whichever node reaps them); otherwise the sink makes one.
+    devices, reported by whichever node reaps them); otherwise the sink makes one. ``node``
+    is the ``--node-id`` of the node the device is on (online) or was on (offline).
     """
 
     device_id: str
@@ -41,6 +42,8 @@ class DeviceStatus:
     previous_node: str | None = None
     gap_ms: int | None = None
     event_id: str | None = None
+    #: The node the device is on (online) or was on (offline; for ``node_lost`` the dead one).
+    node: str | None = None
 
 
 @attrs.frozen

@@ -395,6 +395,8 @@ class WebhookSink:
                 "ts": event.ts,
                 "seq": seq,
             }
+            if event.node is not None:
+                body["node"] = event.node
             if event.previous_node is not None:
                 body["previous_node"] = event.previous_node
                 body["gap_ms"] = event.gap_ms
