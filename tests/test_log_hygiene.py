@@ -59,8 +59,18 @@ def test_credentials_never_reach_a_log_line():
         b"Authorization: Bearer api-key-value\r\n\r\n",
         url="https://b.oss-cn-hangzhou.aliyuncs.com/k.png?OSSAccessKeyId=AKID&Signature=sig%3D",
         header="Authorization: Bearer other-key",
+        store="redis://:redis-pass@10.0.0.5:6379/0 and redis://user:pw2@h/1",
     )
     text = " ".join(str(v) for k, v in event.items() if not k.startswith("log_"))
-    for secret in ("s3cr3t-token", "api-key-value", "AKID", "sig%3D", "other-key"):
+    for secret in (
+        "s3cr3t-token",
+        "api-key-value",
+        "AKID",
+        "sig%3D",
+        "other-key",
+        "redis-pass",
+        "pw2",
+    ):
         assert secret not in text
     assert "device_id=dev_1" in event["request"] and "\\x0d\\x0a" in event["request"]
+    assert event["store"].startswith("redis://:[redacted]@10.0.0.5:6379/0")

@@ -100,12 +100,14 @@ _SECRETS = re.compile(
     r"(?i)((?:token|signature|x-oss-signature|x-oss-credential|accesskeyid|ossaccesskeyid"
     r"|api_key|apikey|secret|password)=)[^&\s\"']+"
     r"|(bearer\s+)[^\s\"',]+"
+    r"|(://[^:/@\s]*:)[^@\s/]+(?=@)"
 )
 
 
 def redacted(text: str) -> str:
     """``text`` with credential values replaced by ``[redacted]``: query or form values
-    named like a credential (``token=…``, ``Signature=…``) and ``Bearer …`` keys."""
-    if "=" not in text and "earer" not in text:
+    named like a credential (``token=…``, ``Signature=…``), ``Bearer …`` keys and the
+    password of a URL (``redis://:secret@host``)."""
+    if "=" not in text and "earer" not in text and "@" not in text:
         return text
-    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "[redacted]", text)
