@@ -151,7 +151,9 @@ async def test_an_expired_lease_fences_and_a_forgotten_one_is_registered_again(
 
 
 @pytest_twisted.ensureDeferred
-async def test_claims_need_a_live_lease_and_releases_compare_the_session(redis_calls):
+async def test_claims_need_a_live_lease_and_releases_compare_the_session(
+    redis_calls, redis_server
+):
     clock = Clock()
     lease = keeper(redis_calls, clock)
     presence = RedisPresence(redis_calls, KEYS, NoSessions(), "n1", lambda: lease.instance)
@@ -165,10 +167,21 @@ async def test_claims_need_a_live_lease_and_releases_compare_the_session(redis_c
     assert claimed.previous_node is None and claimed.epoch == 1
     claimed = await presence.claim("dev_1", "ses_2")
     assert (claimed.previous_node, claimed.previous_session, claimed.epoch) == ("n1", "ses_1", 2)
-    assert await presence.release([("dev_1", "ses_1")]) == [False]  # a late close: nothing
+    first = await presence.claim("dev_1", "ses_2")
+    assert first.epoch == 3
+    assert await presence.release([("dev_1", "ses_1", None)]) == [False]  # a late close
     assert (await presence.holder("dev_1")).session_id == "ses_2"
-    assert await presence.release([("dev_1", "ses_2")]) == [True]
+    assert await presence.release([("dev_1", "ses_2", first)]) == [True]
     assert await presence.holder("dev_1") is None
+    # Redis ran a release whose answer was lost: the retry says so again (the offline event
+    # is not lost), unless the device was claimed since or the lease is gone.
+    assert await presence.release([("dev_1", "ses_2", first)]) == [True]
+    assert await presence.release([("dev_1", "ses_2", None)]) == [False]
+    again = await presence.claim("dev_1", "ses_3")
+    await presence.release([("dev_1", "ses_3", again)])
+    assert await presence.release([("dev_1", "ses_2", first)]) == [False]
+    redis_server.command("ZADD", KEYS.leases, 0, lease.instance)
+    assert await presence.release([("dev_1", "ses_3", again)]) == [False]
 
 
 async def dead_instance_with(redis_calls, redis_server, count: int) -> tuple[str, list[str]]:

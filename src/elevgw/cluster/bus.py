@@ -310,6 +310,10 @@ class Bus(Service):
     def _forget(self, call_id: str) -> None:
         self._pending.pop(call_id, None)
 
+    def callees(self) -> list[str]:
+        """The instances calls are waiting on."""
+        return sorted({callee for _, callee in self._pending.values()})
+
     def fail_calls_to(self, instance: str, error: Exception) -> None:
         """Fail every call waiting on ``instance`` (its lease is gone: it will not answer)."""
         for call_id, (answer, callee) in list(self._pending.items()):

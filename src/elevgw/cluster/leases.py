@@ -31,7 +31,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -87,6 +87,20 @@ _RETIRE = Script(
 
 #: Seconds between registration attempts while the node holds no lease.
 REGISTER_RETRY = 0.25
+
+# Which of the given instances hold no live lease (dead, reaped or unknown).
+_DEAD = Script(
+    LUA_PRELUDE
+    + """
+    local now = now_ms()
+    local dead = {}
+    for _, instance in ipairs(ARGV) do
+        local expiry = redis.call('ZSCORE', KEYS[1], instance)
+        if not expiry or tonumber(expiry) <= now then dead[#dead + 1] = instance end
+    end
+    return dead
+    """
+)
 
 OK = "ok"
 MISSING = "missing"
@@ -187,6 +201,12 @@ class LeaseKeeper(Service):
             )
 
         return d.addCallbacks(lambda _: None, failed)
+
+    def dead(self, instances: list[str]) -> Deferred:
+        """Fires with those of ``instances`` whose lease is gone (by Redis's clock)."""
+        if not instances:
+            return succeed([])
+        return self.redis.script(_DEAD, [self.keys.leases], instances)
 
     def when_held(self) -> Deferred:
         """Fires once the node holds a lease (at once if it does)."""

@@ -67,6 +67,8 @@ class ClusterAnnouncer:
         self._announcing: dict[str, Deferred] = {}
         #: sessions whose claim failed: nothing to announce when they end
         self._unclaimed: set[str] = set()
+        #: session id -> its claim, until the session is released
+        self._claims: dict[str, Claimed] = {}
         #: (session, reason, ended at ms) waiting for the next release call
         self._releases: list[tuple[DeviceSession, str, int]] = []
         self._flush_timer: Any = None
@@ -75,6 +77,8 @@ class ClusterAnnouncer:
     # -- online
 
     def online(self, session: DeviceSession, reason: str, previous: DeviceSession | None) -> None:
+        if previous is not None:
+            self.forget(previous)
         d = self._presence.claim(session.device_id, session.session_id)
         d.addCallback(self._claimed, session, previous)
         d.addErrback(self._claim_failed, session)
@@ -87,6 +91,8 @@ class ClusterAnnouncer:
     def _claimed(
         self, claimed: Claimed, session: DeviceSession, previous: DeviceSession | None
     ) -> Any:
+        if not session.ended:
+            self._claims[session.session_id] = claimed
         if claimed.previous_instance is None:
             self._emit_online(session, events.ONLINE_CONNECTED)
             return None
@@ -162,6 +168,13 @@ class ClusterAnnouncer:
         # The claim may have run although its answer was lost: take it back, silently.
         self._queue_release(session, "", clock_ms(self._clock))
 
+    def forget(self, session: DeviceSession) -> None:
+        """``session`` ended without an offline event (it moved, or the node fenced)."""
+        self._claims.pop(session.session_id, None)
+
+    def forget_all(self) -> None:
+        self._claims.clear()
+
     # -- offline
 
     def offline(self, session: DeviceSession, reason: str) -> None:
@@ -192,11 +205,16 @@ class ClusterAnnouncer:
         return DeferredList(calls).addCallback(lambda _: None)
 
     def _release(self, chunk: list[tuple[DeviceSession, str, int]]) -> Deferred:
-        pairs = [(session.device_id, session.session_id) for session, _, _ in chunk]
+        pairs = [
+            (session.device_id, session.session_id, self._claims.get(session.session_id))
+            for session, _, _ in chunk
+        ]
         d = self._presence.release(pairs)
         self._in_flight.add(d)
 
         def released(deleted: list[bool]) -> None:
+            for session, _, _ in chunk:
+                self._claims.pop(session.session_id, None)
             for (session, reason, ended_ms), was_current in zip(chunk, deleted, strict=True):
                 if was_current and reason:
                     self._events.emit(
@@ -248,6 +266,7 @@ class ClusterAnnouncer:
                     continue
                 if placement.session_id != session.session_id:
                     closed += 1
+                    self.forget(session)
                     self._registry.end(
                         session,
                         events.ONLINE_TAKEOVER,

@@ -83,10 +83,10 @@ class ClusterNode(MultiService):
             redis, keys, registry, node_id, self.instance, route_disconnect(self.bus)
         )
         self.commands = ClusterCommands(router, registry, self.presence, self.bus, self.instance)
-        Handlers(router, registry, reactor).install(self.bus)
         self.announcer = ClusterAnnouncer(
             self.presence, self.bus, registry, event_sink, reactor, node_id, metrics=self.metrics
         )
+        Handlers(router, registry, reactor, self.announcer).install(self.bus)
         registry.announcer = self.announcer
         self.bus.on_subscribed.append(self._reconcile)
         self.reaper = Reaper(
@@ -98,6 +98,7 @@ class ClusterNode(MultiService):
             every=max(lease / 5, 0.05),
             claim_idle=lease * 2,
             on_reaped=self._reaped,
+            after_round=self._end_calls_to_dead_nodes,
             metrics=self.metrics,
         )
         self.lease.setServiceParent(self)
@@ -124,6 +125,7 @@ class ClusterNode(MultiService):
 
     def _fence(self) -> None:
         count = self.registry.end_all(events.OFFLINE_SHUTDOWN, CLOSE_GOING_AWAY, announce=False)
+        self.announcer.forget_all()
         self.log.error("cluster: fenced, {count} device sockets closed (1001)", count=count)
 
     def _new_instance(self, old: str, new: str) -> None:
@@ -136,6 +138,7 @@ class ClusterNode(MultiService):
             for device_id in taken:
                 session = self.registry.get(device_id)
                 if session is not None:
+                    self.announcer.forget(session)
                     self.registry.end(
                         session,
                         events.ONLINE_TAKEOVER,
@@ -165,6 +168,15 @@ class ClusterNode(MultiService):
         self.bus.fail_calls_to(
             instance, RemoteError("device_disconnected", f"node {instance} was lost")
         )
+
+    def _end_calls_to_dead_nodes(self) -> Deferred:
+        """Whichever node reaps a dead one, calls this node is waiting on it end too."""
+
+        def dead(instances: list[str]) -> None:
+            for instance in instances:
+                self._reaped(instance)
+
+        return self.lease.dead(self.bus.callees()).addCallback(dead)
 
     # -- the gateway's view
 

@@ -83,8 +83,8 @@ class Reaper(Service):
     """Reaps dead instances and emits their devices' offline events (module docstring).
 
     ``consumer`` gives this node's current instance (its name in the consumer group);
-    ``on_reaped(instance)`` is told when an instance is fully reaped (waiting calls to it
-    fail at once).
+    ``on_reaped(instance)`` is told when this node has fully reaped an instance;
+    ``after_round()`` (may return a Deferred) runs at the end of every round.
     """
 
     log = Logger()
@@ -100,6 +100,7 @@ class Reaper(Service):
         batch: int = 500,
         claim_idle: float = 30.0,
         on_reaped: Callable[[str], None] = lambda instance: None,
+        after_round: Callable[[], Any] = lambda: None,
         metrics: Any = None,
     ) -> None:
         self.redis = redis
@@ -111,6 +112,7 @@ class Reaper(Service):
         self.batch = batch
         self.claim_idle = claim_idle
         self.on_reaped = on_reaped
+        self._after_round = after_round
         self.metrics = metrics
         self.emitted = 0
         self._group_ready = False
@@ -150,6 +152,12 @@ class Reaper(Service):
         while await self.reap_once():
             pass
         await self.drain_outbox()
+        await self.after_round()
+
+    async def after_round(self) -> None:
+        result = self._after_round()
+        if isinstance(result, Deferred):
+            await result
 
     async def reap_once(self) -> bool:
         """Move one batch of a dead instance's devices to the outbox; ``False`` if none."""

@@ -136,10 +136,13 @@ class ClusterCommands:
 class Handlers:
     """What this node does with calls from other nodes about the devices it holds."""
 
-    def __init__(self, router: CommandRouter, registry: SessionRegistry, clock: Any) -> None:
+    def __init__(
+        self, router: CommandRouter, registry: SessionRegistry, clock: Any, announcer: Any
+    ) -> None:
         self._router = router
         self._registry = registry
         self._clock = clock
+        self._announcer = announcer
 
     def install(self, bus: Bus) -> None:
         bus.handlers.update(
@@ -178,6 +181,7 @@ class Handlers:
         if session is None or session.session_id != message.get("session"):
             return {"silent_ms": None}
         silent_ms = max(0, int((self._clock.seconds() - session.last_active) * 1000))
+        self._announcer.forget(session)
         self._registry.end(
             session, "takeover", CLOSE_TAKEN_OVER, announce=False, why="taken over by another node"
         )

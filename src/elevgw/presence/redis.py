@@ -77,18 +77,25 @@ _ASSERT = Script(
     """
 )
 
+# An entry already gone, with the device's epoch still the one this session claimed and the
+# claiming instance's lease alive, was deleted by this very release (a retry after a reply
+# that was lost): nobody else claimed the device, and no reaper ran (its lease lives).
 _RELEASE = Script(
     LUA_PRELUDE
     + """
+    local now = now_ms()
     local out = {}
-    for i = 2, #ARGV, 2 do
-        local device, session = ARGV[i], ARGV[i + 1]
+    for i = 2, #ARGV, 4 do
+        local device, session, epoch, instance = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
         local old = redis.call('HGET', KEYS[1], device)
         local f = old and fields(old)
         if f and f[3] == session then
             redis.call('HDEL', KEYS[1], device)
             redis.call('SREM', ARGV[1] .. 'held:' .. f[2], device)
             out[#out + 1] = 1
+        elseif not f and epoch ~= '' and redis.call('HGET', KEYS[2], device) == epoch then
+            local expiry = redis.call('ZSCORE', KEYS[3], instance)
+            out[#out + 1] = (expiry and tonumber(expiry) > now) and 1 or 0
         else
             out[#out + 1] = 0
         end
@@ -163,9 +170,11 @@ class Placement:
 
 @attrs.frozen
 class Claimed:
-    """The result of a claim: this session's epoch, Redis's time, and who held it before."""
+    """The result of a claim: this session's epoch and instance, Redis's time, and who held
+    the device before."""
 
     epoch: int
+    instance: str
     now_ms: int
     previous_node: str | None
     previous_instance: str | None
@@ -221,6 +230,7 @@ class RedisPresence:
             _, epoch, now, node, old_instance, old_session, alive, renewed = reply
             return Claimed(
                 epoch=int(epoch),
+                instance=instance,
                 now_ms=int(now),
                 previous_node=node or None,
                 previous_instance=old_instance or None,
@@ -231,15 +241,24 @@ class RedisPresence:
 
         return d.addCallback(claimed)
 
-    def release(self, sessions: list[tuple[str, str]]) -> Deferred:
-        """Compare-and-delete ``(device_id, session_id)`` pairs; fires with one bool each:
-        whether the entry was still that session's (and is now gone)."""
+    def release(self, sessions: list[tuple[str, str, Claimed | None]]) -> Deferred:
+        """Compare-and-delete ``(device_id, session_id, claimed)``; fires with one bool each:
+        whether the entry was that session's (and is gone now).
+
+        With the session's ``Claimed`` (its epoch and instance) a release is idempotent: one
+        repeated because Redis ran it but its answer was lost says ``True`` again, so the
+        offline event is not lost to a timeout.
+        """
         if not sessions:
             return succeed([])
         args: list[Any] = [self._keys.base]
-        for device_id, session_id in sessions:
-            args += [device_id, session_id]
-        d = self._redis.script(_RELEASE, [self._keys.presence], args)
+        for device_id, session_id, claimed in sessions:
+            if claimed is None:
+                args += [device_id, session_id, "", ""]
+            else:
+                args += [device_id, session_id, str(claimed.epoch), claimed.instance]
+        keys = [self._keys.presence, self._keys.epochs, self._keys.leases]
+        d = self._redis.script(_RELEASE, keys, args)
         return d.addCallback(lambda reply: [bool(x) for x in reply])
 
     def reassert(self, instance: str, sessions: Iterable[Any]) -> Deferred:
