@@ -11,13 +11,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock, deferLater
 
-from elevgw.cluster.bus import BUS_OK, Bus
+from elevgw.cluster.bus import BUS_DOWN, BUS_OK, Bus
 from elevgw.cluster.keys import ClusterKeys
 from elevgw.cluster.leases import LeaseKeeper
 from elevgw.cluster.lifecycle import ClusterAnnouncer
 from elevgw.cluster.reaper import Reaper
+from elevgw.cluster.routing import ClusterCommands
+from elevgw.core.commands import CommandRouter
 from elevgw.core.sessions import SessionRegistry
 from elevgw.presence.redis import LeaseLost, RedisPresence
+from elevgw.stores.interfaces import StoreUnavailable
 from elevgw.stores.redis import RedisStore
 from elevgw.testing import FakeConnection, RecordingSink
 
@@ -303,3 +306,17 @@ async def test_a_session_whose_kick_was_lost_is_closed_once_the_inbox_is_heard_a
     await announcer.settled()
     assert [e.status for e in sink.events] == ["online", "online"]  # no offline for it
     assert (await presence.holder("dev_moved")).node_id == "n2"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_not_listening_to_its_inbox_refuses_routed_calls_at_once(redis_calls):
+    clock = Clock()
+    registry = SessionRegistry(clock, RecordingSink(), 30.0)
+    bus = Bus(redis_calls, redis_calls.address, KEYS, lambda: "n1/x", clock, reactor)
+    assert bus.state == BUS_DOWN  # never subscribed
+    presence = RedisPresence(redis_calls, KEYS, registry, "n1", lambda: "n1/x")
+    commands = ClusterCommands(
+        CommandRouter(registry, clock), registry, presence, bus, lambda: "n1/x"
+    )
+    with pytest.raises(StoreUnavailable):
+        await commands.send("dev_elsewhere", "REBOOT")

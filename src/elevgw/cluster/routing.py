@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, fail
 
-from elevgw.cluster.bus import Bus, CallTimeout, NodeUnreachable, RemoteError
+from elevgw.cluster.bus import BUS_DOWN, Bus, CallTimeout, NodeUnreachable, RemoteError
 from elevgw.core import wire
 from elevgw.core.commands import (
     SNAPSHOT_COMMAND,
@@ -30,6 +30,7 @@ from elevgw.core.commands import (
 from elevgw.core.sessions import CLOSE_TAKEN_OVER, SessionRegistry
 from elevgw.presence.redis import RedisPresence
 from elevgw.snapshots.interfaces import SnapshotStoreError, StoredSnapshot
+from elevgw.stores.interfaces import StoreUnavailable
 
 #: Seconds a routed call may take on top of the device's own wait (two hops through Redis).
 ROUTING_SLACK = 2.0
@@ -93,6 +94,10 @@ class ClusterCommands:
         self._instance = instance
 
     def _route(self, device_id: str, kind: str, body: dict, timeout: float) -> Deferred:
+        if self._bus.state == BUS_DOWN:
+            # No answer could reach this node: say so now rather than after the timeout.
+            return fail(StoreUnavailable("this node's cluster inbox is down; retry later"))
+
         def found(placements: dict) -> Any:
             placement = placements.get(device_id)
             if placement is None or placement.instance == self._instance():
