@@ -251,6 +251,20 @@ async def test_a_sparse_online_filter_answers_a_short_page_and_goes_on(monkeypat
     assert found == ["dev_01", "dev_17"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_filtered_page_stops_when_its_time_is_up():
+    store = MemoryDeviceStore()
+    for n in range(1000):
+        await store.add_device(Device(f"dev_{n:04}", "x", "h", created=float(n)))
+    ticks = iter(range(1000))
+    devices, _, cursor = await device_pages.page_of_devices(
+        store, Everyone([]), None, 50, None, True, now=lambda: next(ticks) * 0.15
+    )
+    # Started at 0; 0.15 after one chunk, 0.3 after the second: past the 0.2 s budget.
+    assert devices == [] and cursor is not None
+    assert device_pages.decode_cursor(cursor)[1] == f"dev_{2 * device_pages.STORE_CHUNK - 1:04}"
+
+
 def test_cursors_survive_the_round_trip_exactly():
     position = (1764576000.123456789, "dev_0011aa")
     assert device_pages.decode_cursor(device_pages.encode_cursor(position)) == position

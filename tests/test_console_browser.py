@@ -392,3 +392,27 @@ async def test_fleet_page_follows_devices_going_offline(gateway_factory, browser
         await browser.wait_text(".figure.online .value", "2", timeout=10)
     finally:
         await close_all(devices[:2])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sparse_filter_fills_the_page_over_several_requests(
+    gateway_factory, browser, monkeypatch
+):
+    """The gateway answers short pages (each request examines little); the console asks on."""
+    from elevgw.north import device_pages
+
+    monkeypatch.setattr(device_pages, "STORE_CHUNK", 10)
+    monkeypatch.setattr(device_pages, "MAX_STORE_CALLS", 1)
+    gateway = await gateway_factory()
+    registered = [await gateway.register(f"楼{n:02}") for n in range(45)]
+    wanted = registered[37]
+    connection = await connect_device(gateway.ws_port, wanted["device_id"], wanted["token"])
+    try:
+        await browser.open(f"{gateway.base}/console/#/devices?online=true")
+        await browser.wait_text("[aria-live=polite]", "1 device shown.")
+        rows = await browser.script(
+            "return [...document.querySelectorAll('.devices tbody tr')].map(r => r.dataset.device)"
+        )
+        assert rows == [wanted["device_id"]]
+    finally:
+        await connection.close()

@@ -19,7 +19,31 @@ import { churnChart, onlineChart } from "./plot.js";
 
 const PAGE_SIZE = 50;
 
-/** Calls ``fn`` at most once per ``ms``, the last call winning. */
+/** Calls ``fn`` at most once per ``ms``: at the first call, then once more at the end of
+ * the window if it was called again meanwhile. A reconnect storm of thousands of events
+ * costs the gateway one fleet report per window, not one per event. */
+function throttle(fn, ms) {
+  let timer = null;
+  let again = false;
+  const fire = () => {
+    timer = null;
+    if (again) {
+      again = false;
+      fn();
+      timer = setTimeout(fire, ms);
+    }
+  };
+  return () => {
+    if (timer) {
+      again = true;
+      return;
+    }
+    fn();
+    timer = setTimeout(fire, ms);
+  };
+}
+
+/** Calls ``fn`` once calls have stopped for ``ms``, with the last call's arguments. */
 function debounce(fn, ms) {
   let timer = null;
   return (...args) => {
@@ -186,7 +210,7 @@ export function fleetPage(root) {
     replace(figures, counts(fleet, node));
   }
 
-  const soon = debounce(refresh, 1000);
+  const soon = throttle(refresh, 5000);
   refresh();
   const timer = setInterval(refresh, 15000);
   return {
@@ -263,20 +287,32 @@ export function devicesPage(root, params, navigate) {
     return "/api/v1/devices?" + args;
   }
 
+  /** One page of ``size`` rows. A filtered page may come back short with a ``next`` (the
+   * gateway bounds each request's work): the console then asks on, a few times at most, so
+   * the operator sees a full page without clicking through empty ones. */
   async function load(after, size) {
     const mine = ++generation;
+    const wanted = size || PAGE_SIZE;
     more.disabled = true;
     note.textContent = "Loading…";
     try {
-      const page = await get(query(after, size));
+      let page = await get(query(after, wanted));
       if (mine !== generation) return;
       if (!after) {
         body.replaceChildren();
         shown = 0;
       }
-      for (const device of page.devices) body.append(deviceRow(device));
-      shown += page.devices.length;
-      next = page.next;
+      let got = 0;
+      for (let tries = 0; ; tries++) {
+        for (const device of page.devices) body.append(deviceRow(device));
+        shown += page.devices.length;
+        got += page.devices.length;
+        next = page.next;
+        if (got >= wanted || !next || tries >= 10) break;
+        note.textContent = `${shown} shown; looking further…`;
+        page = await get(query(next, wanted - got));
+        if (mine !== generation) return;
+      }
       more.hidden = !next;
       more.disabled = false;
       note.textContent = `${shown} device${shown === 1 ? "" : "s"} shown` + (next ? "; more below." : ".");
@@ -635,8 +671,8 @@ export function devicePage(root, params, navigate, deviceId) {
     }
   }
 
-  const soonHealth = debounce(loadHealth, 1000);
-  const soonCommands = debounce(loadCommands, 300);
+  const soonHealth = throttle(loadHealth, 2000);
+  const soonCommands = throttle(loadCommands, 500);
   refresh();
 
   return {
