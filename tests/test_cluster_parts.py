@@ -241,6 +241,9 @@ async def test_a_reaper_that_dies_mid_way_loses_nothing(redis_calls, redis_serve
     assert sorted(e.device_id for e in survivor_sink.events) == [f"dev_{i:04d}" for i in range(40)]
     ids = {dict(zip(f[::2], f[1::2], strict=True))["event_id"] for _, f in taken}
     assert {e.event_id for e in survivor_sink.events} == ids
+    # The dead consumers owe nothing now and hold no lease: the group forgets them.
+    assert await survivor.forget_consumers() == 2
+    assert redis_server.command("XINFO", "CONSUMERS", KEYS.outbox, "reapers") == []
 
 
 @pytest_twisted.ensureDeferred

@@ -75,6 +75,34 @@ _REAP = Script(
 )
 
 
+# Every run of a node is a consumer of its own in the group: forget those that are gone (no
+# live lease) once nothing is pending for them, so the group does not grow with restarts.
+_FORGET_CONSUMERS = Script(
+    LUA_PRELUDE
+    + """
+    local now = now_ms()
+    local forgotten = 0
+    if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+    for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+        local name, pending
+        for i = 1, #info, 2 do
+            if info[i] == 'name' then name = info[i + 1] end
+            if info[i] == 'pending' then pending = info[i + 1] end
+        end
+        local expiry = redis.call('ZSCORE', KEYS[2], name)
+        if pending == 0 and not (expiry and tonumber(expiry) > now) then
+            redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+            forgotten = forgotten + 1
+        end
+    end
+    return forgotten
+    """
+)
+
+#: Rounds between two passes over the consumer group's members.
+FORGET_EVERY = 100
+
+
 def _entry_fields(flat: list) -> dict:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -115,6 +143,7 @@ class Reaper(Service):
         self._after_round = after_round
         self.metrics = metrics
         self.emitted = 0
+        self._rounds = 0
         self._group_ready = False
         self._running: Deferred | None = None
         self._loop = task.LoopingCall(self.tick)
@@ -153,6 +182,17 @@ class Reaper(Service):
             pass
         await self.drain_outbox()
         await self.after_round()
+        self._rounds += 1
+        if self._rounds % FORGET_EVERY == 0:
+            await self.forget_consumers()
+
+    async def forget_consumers(self) -> int:
+        """Remove the group's consumers of node runs that are gone and owe nothing."""
+        return int(
+            await self.redis.script(
+                _FORGET_CONSUMERS, [self.keys.outbox, self.keys.leases], [GROUP]
+            )
+        )
 
     async def after_round(self) -> None:
         result = self._after_round()
