@@ -185,6 +185,12 @@ async def test_a_killed_node_s_devices_go_offline_once_each_and_moved_ones_not_a
     status, body = await a.call("GET", "/api/v1/devices")
     assert Counter(d["node"] for d in body["devices"]) == {"c": 220}
 
+    # b calls a device on c, and remembers that c holds it.
+    status, body = await b.call(
+        "POST", "/api/send", {"device_id": devices[0]["device_id"], "command": "BEFORE"}
+    )
+    assert status == 200, body
+    assert (await sockets[devices[0]["device_id"]].frame())["payload"] == "BEFORE"
     # A snapshot asked through a of a device on c, which never answers: c dies meanwhile.
     asked = _ensure(
         a.call("GET", f"/api/v1/devices/remote/{devices[-1]['device_id']}/snapshot?timeout=60")
@@ -194,9 +200,16 @@ async def test_a_killed_node_s_devices_go_offline_once_each_and_moved_ones_not_a
     killed_at = time.monotonic()
     # 20 devices notice first and come back through a before the lease has run out.
     moved = devices[:20]
+    reconnected = {}
     for creds in moved:
-        await connect(a, creds)
+        reconnected[creds["device_id"]] = await connect(a, creds)
     moved_ids = {creds["device_id"] for creds in moved}
+    # b's memory of c is stale: the call finds the device on a all the same.
+    status, body = await b.call(
+        "POST", "/api/send", {"device_id": devices[0]["device_id"], "command": "AFTER"}
+    )
+    assert status == 200, body
+    assert (await reconnected[devices[0]["device_id"]].frame())["payload"] == "AFTER"
     # A device on a dead node is offline for the API at once if its lease is gone; the rest
     # are reaped: one node_lost each, whoever reaps.
     await eventually(lambda: len(cluster.statuses(status="offline")) >= 200, timeout=LEASE * 10)
