@@ -44,6 +44,8 @@ class Settings:
     webhook_retry_for: float = 300.0
     webhook_queue_size: int = 100_000
     webhook_concurrency: int = 16
+    command_queue_size: int = 100
+    command_history: int = 100
     oss_region: str | None = None
     oss_pool_size: int = 4
     oss_timeout: float = 10.0

@@ -26,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 
 from elevgw import __version__
 from elevgw.config import Settings
+from elevgw.core.command_queue import CommandDispatcher
 from elevgw.core.gateway import Gateway
 from elevgw.core.sessions import CLOSE_GOING_AWAY
 from elevgw.events import model as events
@@ -46,15 +47,30 @@ from elevgw.snapshots.interfaces import ISnapshotStore
 from elevgw.south.protocol import DeviceFactory
 from elevgw.specs import FileSnapshotsSpec, SQLiteSpec, parse_snapshots, parse_store
 from elevgw.startup import StartupError
-from elevgw.stores.interfaces import IDeviceStore, IEventLog
+from elevgw.stores.interfaces import ICommandQueue, IDeviceStore, IEventLog
 from elevgw.stores.sqlite import SQLiteStore
+from elevgw.stores.sqlite_commands import SQLiteCommandQueue
 from elevgw.stores.sqlite_events import SQLiteEventLog
 from elevgw.stores.sqlite_nodes import SQLiteNodeCheck
 from elevgw.timing import within
 
+#: Seconds between passes that expire queued commands past their ttl (on every device).
+COMMAND_EXPIRY_INTERVAL = 1.0
+
 
 class ConfigError(ValueError):
     """A setting that cannot work (bad store URL, missing OSS key); one line for the operator."""
+
+
+def make_command_queue(store: IDeviceStore, settings: Settings) -> ICommandQueue:
+    """The command queue in ``store`` (the unwrapped SQLite or Redis store), on its connection."""
+    if isinstance(store, SQLiteStore):
+        return SQLiteCommandQueue(store, history=settings.command_history)
+    from elevgw.stores.redis import RedisStore
+    from elevgw.stores.redis_commands import RedisCommandQueue
+
+    assert isinstance(store, RedisStore)
+    return RedisCommandQueue(store, history=settings.command_history)
 
 
 def make_store(settings: Settings, reactor: Any) -> IDeviceStore:
@@ -170,6 +186,17 @@ class GatewayService(MultiService):
             if self.cluster is not None
             else LocalPresence(self.gateway.registry, settings.node_id)
         )
+        self.command_queue = make_command_queue(raw_store, settings)
+        self.dispatcher = CommandDispatcher(
+            self.command_queue,
+            self.gateway.registry,
+            self.gateway.commands,
+            reactor,
+            self.event_sink,
+            metrics_registry=self.metrics.registry,
+            max_pending=settings.command_queue_size,
+        )
+        self.gateway.dispatcher = self.dispatcher
         self.device_factory = DeviceFactory(
             self.gateway,
             settings.max_message_size,
@@ -203,6 +230,7 @@ class GatewayService(MultiService):
                 max_body=settings.max_body_size,
                 max_waiting_calls=settings.max_waiting_calls,
                 status=self.node_status.report,
+                command_queue=self.dispatcher,
             )
         )
 
@@ -217,6 +245,7 @@ class GatewayService(MultiService):
         if connection is not None and not getattr(raw_store, "owns_connection", True):
             self._add_resource(connection, "--store " + _store_display(settings.store))
         self._add_resource(self.store, "--store " + _store_display(settings.store))
+        self._add_resource(self.command_queue, "--store " + _store_display(settings.store))
         if isinstance(raw_store, SQLiteStore):
             self._add_resource(SQLiteNodeCheck(raw_store, settings.node_id, raw_store.path))
         self._add_resource(self.snapshots, "--snapshots " + settings.snapshots)
@@ -237,6 +266,9 @@ class GatewayService(MultiService):
         sweep = TimerService(settings.sweep_interval, self._run_sweep)
         sweep.clock = reactor
         sweep.setServiceParent(self)
+        expiry = TimerService(COMMAND_EXPIRY_INTERVAL, self.dispatcher.expire_due)
+        expiry.clock = reactor
+        expiry.setServiceParent(self)
         StoreProbe(self.store, reactor).setServiceParent(self)
         site = APISite(self.api, reactor)
         self.node_status.setServiceParent(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
@@ -21,9 +22,17 @@ from elevgw.snapshots.interfaces import (
     sniff_image_type,
 )
 from elevgw.stores.interfaces import (
+    EXPIRED,
+    QUEUED,
+    SENT,
+    SUPERSEDED,
+    CommandRecord,
+    Delivery,
     Device,
+    ICommandQueue,
     IDeviceStore,
     LogEntry,
+    QueueFull,
     StoreUnavailable,
     fold_query,
     position_of,
@@ -194,3 +203,129 @@ class MemorySnapshotStore:
                 taken_at=taken_at_ms,
             )
         )
+
+
+@implementer(ICommandQueue)
+class MemoryCommandQueue:
+    """``ICommandQueue`` in a dict; every Deferred has fired when a method returns.
+
+    Set ``unavailable`` to make every call fail with ``StoreUnavailable``; ``calls`` counts
+    calls by method name.
+    """
+
+    def __init__(self, history: int = 100) -> None:
+        self.history = history
+        self.unavailable = False
+        self.calls: dict[str, int] = {}
+        self._records: dict[str, CommandRecord] = {}  # in the order they were stored
+
+    def _call(self, name: str, result: Any) -> Deferred:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.unavailable:
+            return fail(StoreUnavailable("memory queue set unavailable"))
+        return succeed(result)
+
+    def _of(self, device_id: str) -> list[CommandRecord]:
+        return [r for r in self._records.values() if r.device_id == device_id]
+
+    def _set(self, record: CommandRecord) -> CommandRecord:
+        self._records[record.id] = record
+        return record
+
+    def _trim(self, device_id: str) -> None:
+        kept = [r for r in self._of(device_id) if not r.pending]
+        for record in kept[: max(0, len(kept) - self.history)]:
+            del self._records[record.id]
+
+    def start(self) -> Deferred:
+        return succeed(None)
+
+    def stop(self) -> Deferred:
+        return succeed(None)
+
+    def add(self, record: CommandRecord, max_pending: int) -> Deferred:
+        if self.unavailable:
+            return self._call("add", None)
+        superseded = [
+            r
+            for r in self._of(record.device_id)
+            if record.collapse_key is not None
+            and r.state == QUEUED
+            and r.collapse_key == record.collapse_key
+        ]
+        pending = sum(r.pending for r in self._of(record.device_id))
+        if record.pending and pending - len(superseded) >= max_pending:
+            self.calls["add"] = self.calls.get("add", 0) + 1
+            return fail(QueueFull(record.device_id))
+        superseded = [
+            self._set(attrs.evolve(r, state=SUPERSEDED, updated=record.created))
+            for r in superseded
+        ]
+        self._set(record)
+        self._trim(record.device_id)
+        return self._call("add", superseded)
+
+    def record(self, records: list[CommandRecord]) -> Deferred:
+        if not self.unavailable:
+            for record in records:
+                if record.id not in self._records:
+                    self._set(record)
+            for device_id in {r.device_id for r in records}:
+                self._trim(device_id)
+        return self._call("record", None)
+
+    def take(self, device_ids: list[str], now: int, resend: bool) -> Deferred:
+        taken: dict[str, Delivery] = {}
+        if not self.unavailable:
+            for device_id in dict.fromkeys(device_ids):
+                delivery = Delivery([], [])
+                for record in [r for r in self._of(device_id) if r.pending]:
+                    assert record.expires is not None
+                    if record.expires <= now:
+                        delivery.expired.append(
+                            self._set(attrs.evolve(record, state=EXPIRED, updated=now))
+                        )
+                    elif record.state == QUEUED:
+                        delivery.send.append(
+                            self._set(attrs.evolve(record, state=SENT, updated=now))
+                        )
+                    elif resend:
+                        delivery.send.append(record)
+                if delivery.expired:
+                    self._trim(device_id)
+                if delivery.send or delivery.expired:
+                    taken[device_id] = delivery
+        return self._call("take", taken)
+
+    def finish(
+        self, device_id: str, command_id: str, state: str, result: Any, now: int
+    ) -> Deferred:
+        record = self._records.get(command_id)
+        if record is None or record.device_id != device_id:
+            return self._call("finish", (None, False))
+        if record.finished or self.unavailable:
+            return self._call("finish", (record, False))
+        record = self._set(attrs.evolve(record, state=state, result=result, updated=now))
+        return self._call("finish", (record, True))
+
+    def expire_due(self, now: int, limit: int) -> Deferred:
+        expired: list[CommandRecord] = []
+        if not self.unavailable:
+            due = sorted(
+                (r for r in self._records.values() if r.pending and r.expires <= now),  # type: ignore[operator]
+                key=lambda r: r.expires,  # type: ignore[arg-type,return-value]
+            )[:limit]
+            expired = [self._set(attrs.evolve(r, state=EXPIRED, updated=now)) for r in due]
+            for device_id in {r.device_id for r in expired}:
+                self._trim(device_id)
+        return self._call("expire_due", expired)
+
+    def get(self, device_id: str, command_id: str) -> Deferred:
+        record = self._records.get(command_id)
+        return self._call("get", record if record and record.device_id == device_id else None)
+
+    def recent(self, device_id: str, limit: int) -> Deferred:
+        return self._call("recent", self._of(device_id)[-limit:])
+
+    def depth(self) -> Deferred:
+        return self._call("depth", sum(r.pending for r in self._records.values()))

@@ -10,6 +10,7 @@ route to another node.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -60,11 +61,18 @@ class CommandRouter:
         self._clock = clock
         # device_id -> OrderedDict(command_id -> Deferred), oldest first
         self._waiting: dict[str, OrderedDict[str, Deferred]] = {}
+        #: Called with each ``Command`` written by ``send`` (not snapshot requests), so it
+        #: can be recorded without the caller waiting for a store.
+        self.on_sent: Callable[[Command], object] | None = None
         registry.on_session_ended.append(self._session_ended)
 
-    def send(self, device_id: str, name: str, data: Any = None) -> Command:
+    def send(self, device_id: str, name: str, data: Any = None, track: bool = True) -> Command:
         """Write a command frame to the device's session; raise ``DeviceOffline`` if it has none,
-        ``DeviceNotReading`` if the write found the device's outbound buffer full."""
+        ``DeviceNotReading`` if the write found the device's outbound buffer full.
+
+        ``track``: hand the command to ``on_sent`` (a snapshot request passes ``False``: the
+        image answers it, not an ack).
+        """
         session = self._registry.get(device_id)
         if session is None:
             if self._metrics is not None:
@@ -79,6 +87,8 @@ class CommandRouter:
         if self._metrics is not None:
             self._metrics.commands.labels("sent").inc()
             self._metrics.frames_out["command"] += 1
+        if track and self.on_sent is not None:
+            self.on_sent(command)
         self.log.debug(
             "command {command_id} {name} sent to {device_id}",
             command_id=command.id,
@@ -94,7 +104,7 @@ class CommandRouter:
         Fails with ``DeviceOffline`` at once, ``AnswerTimeout`` after ``timeout`` seconds, or
         ``DeviceWentOffline`` if the device disconnects first.
         """
-        command = self.send(device_id, name, data)
+        command = self.send(device_id, name, data, track=False)
         waiting = self._waiting.setdefault(device_id, OrderedDict())
 
         def cancelled(_: Deferred) -> None:

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from elevgw.core import wire
+from elevgw.core.command_queue import CommandDispatcher
 from elevgw.core.commands import CommandRouter
 from elevgw.core.ratelimit import DeviceLimits, Verdict
 from elevgw.core.sessions import CLOSE_POLICY, DeviceSession, SessionRegistry
@@ -84,6 +85,8 @@ class Gateway:
         )
         self.registry.announcer.node_id = node_id
         self.commands = CommandRouter(self.registry, clock, metrics)
+        #: Acks and connects go to it once set (the service sets it: it needs the store).
+        self.dispatcher: CommandDispatcher | None = None
         self._frames_in = metrics.frames_in
         self._frames_out = metrics.frames_out
         metrics.watch_sessions(self.registry.__len__)
@@ -144,6 +147,8 @@ class Gateway:
     def connected(self, device_id: str, connection: Any) -> DeviceSession:
         session = self.registry.attach(device_id, connection)
         session.limits = DeviceLimits(self.message_rate, self.message_burst, self.clock)
+        if self.dispatcher is not None:
+            self.dispatcher.device_connected(session)
         return session
 
     def disconnected(self, session: DeviceSession) -> None:
@@ -375,6 +380,8 @@ class Gateway:
             command_id=frame.id,
             event="command_acked",
         )
+        if self.dispatcher is not None:
+            self.dispatcher.ack_received(session.device_id, frame)
 
     # -- housekeeping
 

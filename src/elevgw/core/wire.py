@@ -57,6 +57,8 @@ class Frame:
     type: str
     payload: Any = None
     id: str | None = None
+    #: An ``ack``'s ``error``: the device could not carry the command out (``None``: it did).
+    error: Any = None
 
 
 _PLAIN_HEARTBEAT = Frame(type=HEARTBEAT)
@@ -107,7 +109,8 @@ def parse_frame(data: bytes, device_id: str) -> Frame:
         return _PLAIN_HEARTBEAT  # the frame of almost every message: no allocation
     if payload.__class__ in (dict, list) and nesting_exceeds(data):
         raise FrameError(BAD_JSON, _TOO_DEEP, frame_id)
-    return Frame(type=frame_type, payload=payload, id=frame_id)
+    error = value.get("error") if frame_type == ACK else None
+    return Frame(type=frame_type, payload=payload, id=frame_id, error=error)
 
 
 def decode_image(payload: Any, frame_id: str | None = None) -> bytes:

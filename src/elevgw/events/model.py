@@ -1,4 +1,5 @@
-"""Lifecycle events the gateway reports to the backend: device status and snapshot ready.
+"""Lifecycle events the gateway reports to the backend: device status, snapshot ready, and
+commands finished.
 
 The device path only ever calls ``IEventSink.emit``, which must return at once: delivery
 (webhooks, with their queue, retries and backoff) happens behind it and never makes a device
@@ -56,9 +57,23 @@ class SnapshotReady:
     ts: int
 
 
+@attrs.frozen
+class CommandFinished:
+    """A command reached a terminal state (``elevgw.stores.interfaces.TERMINAL_STATES``);
+    ``result`` is the device's answer for ``acked``/``failed``, else ``None``."""
+
+    device_id: str
+    id: str
+    command: str
+    state: str
+    result: Any
+    ts: int
+
+
 class IEventSink(Interface):
     def emit(event):
-        """Accept a ``DeviceStatus`` or ``SnapshotReady``; return at once, never raise."""
+        """Accept a ``DeviceStatus``, ``SnapshotReady`` or ``CommandFinished``; return at once,
+        never raise."""
 
     def drain(timeout):
         """Fire with ``True`` once queued events are delivered, ``False`` after ``timeout`` s."""

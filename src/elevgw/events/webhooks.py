@@ -18,7 +18,7 @@ slows a device. The guarantees (docs/webhooks.rst has the long form):
   outside 2xx are rejections and are not retried.
 - The queue is bounded (``max_queued`` events, in flight included). When it is full, the sink
   drops the oldest event of the device with the longest queue, never the event being sent and
-  never the newest status of that device while a snapshot callback can go instead.
+  never the newest status of that device while a snapshot or command event can go instead.
 
 Outcomes are logged with ``twisted.logger`` and counted in ``WebhookSink.stats``; nothing
 raises to the caller.
@@ -46,11 +46,18 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from elevgw import __version__
-from elevgw.events.model import DeviceStatus, IEventSink, LoggedEvent, SnapshotReady
+from elevgw.events.model import (
+    CommandFinished,
+    DeviceStatus,
+    IEventSink,
+    LoggedEvent,
+    SnapshotReady,
+)
 from elevgw.util import clock_ms, dumps_json
 
 STATUS_PATH = "/api/device/status"
 SNAPSHOT_PATH = "/api/v1/devices/remote/snapshot/callback"
+COMMAND_PATH = "/api/device/command"
 
 EVENT_ID_HEADER = "X-Elevgw-Event-Id"
 SIGNATURE_HEADER = "X-Elevgw-Signature"
@@ -72,6 +79,7 @@ MAX_RESPONSE_BODY = 64 * 1024
 
 _STATUS = "status"
 _SNAPSHOT = "snapshot"
+_COMMAND = "command"
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -84,7 +92,7 @@ class _Event:
     """One event as it will go on the wire, with its delivery bookkeeping."""
 
     device_id: str
-    kind: str  # _STATUS | _SNAPSHOT
+    kind: str  # _STATUS | _SNAPSHOT | _COMMAND
     url: str
     body: bytes
     event_id: str
@@ -266,7 +274,11 @@ class WebhookSink:
                 raise ValueError(f"{name} must be positive, not {value!r}")
 
         base_text = backend_url.rstrip("/")
-        self._urls = {_STATUS: base_text + STATUS_PATH, _SNAPSHOT: base_text + SNAPSHOT_PATH}
+        self._urls = {
+            _STATUS: base_text + STATUS_PATH,
+            _SNAPSHOT: base_text + SNAPSHOT_PATH,
+            _COMMAND: base_text + COMMAND_PATH,
+        }
         self._clock: Any = clock if clock is not None else reactor
         self._secret = secret
         self._request_timeout = request_timeout
@@ -314,7 +326,7 @@ class WebhookSink:
 
     # IEventSink
 
-    def emit(self, event: DeviceStatus | SnapshotReady | LoggedEvent) -> None:
+    def emit(self, event: DeviceStatus | SnapshotReady | CommandFinished | LoggedEvent) -> None:
         """Queue ``event`` for delivery; returns at once and never raises.
 
         A ``LoggedEvent`` (from the event log) is sent with its ``cursor`` in the body and its
@@ -409,6 +421,17 @@ class WebhookSink:
                 "ts": event.ts,
                 "seq": seq,
             }
+        elif isinstance(event, CommandFinished):
+            kind = _COMMAND
+            body = {
+                "device_id": device_id,
+                "id": event.id,
+                "command": event.command,
+                "state": event.state,
+                "result": event.result,
+                "ts": event.ts,
+                "seq": seq,
+            }
         else:
             raise TypeError(f"not a webhook event: {event!r}")
         if logged is not None:
@@ -452,7 +475,7 @@ class WebhookSink:
         The victim is in the longest queue: a device with many pending events is flapping
         or chatty, and its oldest pending events are the ones later ones supersede. The head
         of a queue (possibly in flight) is never dropped, and neither is the newest status
-        of the device while a snapshot callback can go instead. When every queue holds only
+        of the device while a snapshot or command event can go instead. When every queue holds only
         its head, the new event itself is dropped.
         """
         longest = self._lengths.longest()
@@ -463,7 +486,7 @@ class WebhookSink:
         queue = self._queues[longest[0]]
         events = queue.events
         later_statuses = queue.statuses - (events[0].kind == _STATUS)
-        if events[1].kind == _SNAPSHOT or later_statuses > 1 or len(events) == 2:
+        if events[1].kind != _STATUS or later_statuses > 1 or len(events) == 2:
             self._remove(queue, 1, "queue full")
         else:
             # events[1] is the device's newest status; all after it are snapshots.

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET
 
+from elevgw.core.command_queue import CommandDispatcher
 from elevgw.core.commands import CommandRouter
 from elevgw.north.errors import ApiError, error_for
 from elevgw.observe.metrics import Metrics
@@ -54,6 +55,7 @@ class APIDeps:
     max_waiting_calls: int = 1000
     #: ``GET /api/v1/status``: fires with this node's status (``elevgw.observe.status``).
     status: Callable[[], Awaitable[dict]] | None = None
+    command_queue: CommandDispatcher | None = None
 
 
 class APIBase:
@@ -64,6 +66,7 @@ class APIBase:
         self.store = deps.store
         self.presence = deps.presence
         self.commands = deps.commands
+        self.command_queue: CommandDispatcher = deps.command_queue  # type: ignore[assignment]
         self.snapshots = deps.snapshots
         self.metrics = deps.metrics
         self.node_id = deps.node_id

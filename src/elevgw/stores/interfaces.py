@@ -209,3 +209,111 @@ class IEventLog(Interface):
 
     def parse_cursor(cursor):
         """A sortable key of ``cursor``; raises ``BadCursor`` if it is not one of this log's."""
+
+
+# Command states. ``queued`` and ``sent`` are unfinished; the others are terminal.
+QUEUED = "queued"
+SENT = "sent"
+ACKED = "acked"
+FAILED = "failed"
+EXPIRED = "expired"
+TIMED_OUT = "timed_out"
+CANCELED = "canceled"
+SUPERSEDED = "superseded"
+UNFINISHED_STATES = frozenset({QUEUED, SENT})
+TERMINAL_STATES = frozenset({ACKED, FAILED, EXPIRED, TIMED_OUT, CANCELED, SUPERSEDED})
+COMMAND_STATES = (QUEUED, SENT, ACKED, FAILED, EXPIRED, TIMED_OUT, CANCELED, SUPERSEDED)
+
+
+class QueueFull(Exception):
+    """The device already has as many commands waiting for delivery as it may."""
+
+
+@attrs.frozen
+class CommandRecord:
+    """A command as the store keeps it. Times are epoch milliseconds.
+
+    ``expires`` is set for a command given a ``ttl``: such a command is *pending* while it is
+    ``queued`` or ``sent`` (delivered, and sent again on every reconnect, until acked or
+    expired). A command without one is written at once or refused, and never sent again.
+    """
+
+    id: str
+    device_id: str
+    command: str
+    data: Any
+    state: str
+    created: int
+    updated: int
+    expires: int | None = None
+    collapse_key: str | None = None
+    result: Any = None
+
+    @property
+    def pending(self) -> bool:
+        return self.expires is not None and self.state in UNFINISHED_STATES
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+@attrs.frozen
+class Delivery:
+    """What a device gets when its queue is taken: ``send`` in order; ``expired`` just now."""
+
+    send: list[CommandRecord]
+    expired: list[CommandRecord]
+
+
+class ICommandQueue(Interface):
+    """Every command's state, and the per-device queue of pending ones, kept in the store.
+
+    Each method is one atomic step (a transaction, a Lua script), so nodes sharing the store
+    and a device reconnecting anywhere see each command move through its states once.
+    Methods return Deferreds and fail with ``StoreUnavailable`` like ``IDeviceStore``'s.
+    Only the newest ``history`` commands of a device that are not pending are kept.
+    """
+
+    def start():
+        """Create whatever schema is missing (the store is started). Fires when usable."""
+
+    def stop():
+        """Release what the queue holds of its own (the store's connection is the store's)."""
+
+    def add(record, max_pending):
+        """Store a new ``CommandRecord``; fire with the commands it superseded.
+
+        A record with a ``collapse_key`` supersedes the device's ``queued`` commands with the
+        same key. A pending record fails with ``QueueFull`` when the device would then hold
+        more than ``max_pending`` pending commands.
+        """
+
+    def record(records):
+        """Store commands already written to their devices (no queue, no cap). Fires ``None``."""
+
+    def take(device_ids, now, resend):
+        """Fire with ``{device_id: Delivery}`` for devices that have pending commands.
+
+        Pending commands past ``expires`` become ``expired``; ``queued`` ones become ``sent``
+        and are returned in order with, when ``resend``, the ``sent`` ones not acked yet.
+        """
+
+    def finish(device_id, command_id, state, result, now):
+        """Move an unfinished command to the terminal ``state`` with ``result``.
+
+        Fires with ``(record, changed)``: the record as it now is (``None`` if unknown) and
+        whether this call finished it (``False``: it was terminal already).
+        """
+
+    def expire_due(now, limit):
+        """Expire up to ``limit`` pending commands past ``expires``; fire with them."""
+
+    def get(device_id, command_id):
+        """Fire with the ``CommandRecord`` or ``None``."""
+
+    def recent(device_id, limit):
+        """Fire with the device's newest ``limit`` commands, oldest first."""
+
+    def depth():
+        """Fire with the number of pending commands of every device."""
