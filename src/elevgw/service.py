@@ -63,14 +63,19 @@ class ConfigError(ValueError):
 
 
 def make_command_queue(store: IDeviceStore, settings: Settings) -> ICommandQueue:
-    """The command queue in ``store`` (the unwrapped SQLite or Redis store), on its connection."""
+    """The command queue in ``store`` (the unwrapped SQLite or Redis store), on its connection.
+
+    Any other store (the fakes of ``elevgw.testing``) gets the in-memory queue.
+    """
     if isinstance(store, SQLiteStore):
         return SQLiteCommandQueue(store, history=settings.command_history)
-    from elevgw.stores.redis import RedisStore
-    from elevgw.stores.redis_commands import RedisCommandQueue
+    if store.name == "redis":
+        from elevgw.stores.redis_commands import RedisCommandQueue
 
-    assert isinstance(store, RedisStore)
-    return RedisCommandQueue(store, history=settings.command_history)
+        return RedisCommandQueue(store, history=settings.command_history)  # type: ignore[arg-type]
+    from elevgw.testing import MemoryCommandQueue
+
+    return MemoryCommandQueue(history=settings.command_history)
 
 
 def make_store(settings: Settings, reactor: Any) -> IDeviceStore:
