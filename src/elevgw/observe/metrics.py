@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import generate_latest
 from zope.interface import implementer
 
 from elevgw import __version__
@@ -24,6 +24,10 @@ SIZE_BUCKETS = (1024, 8192, 32768, 131072, 262144, 524288, 1048576, 2097152, 419
 FRAME_IN_TYPES = (*sorted(wire.FRAME_TYPES), "binary", "invalid")
 FRAME_OUT_TYPES = ("pong", "ack", "error", "command")
 HANDSHAKE_OUTCOMES = ("accepted", "unauthorized", "unavailable", "refused")
+
+# What ``generate_latest`` writes. prometheus_client names it ``CONTENT_TYPE_PLAIN_0_0_4`` only
+# from 0.23 on; before that, ``CONTENT_TYPE_LATEST`` held this value.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _WithoutCreated:
@@ -179,7 +183,7 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
-        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_PLAIN_0_0_4
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE
 
     def webhook_delivery_hook(self) -> Any:
         """The ``on_delivery`` hook for ``WebhookSink``: times each attempt by outcome."""
