@@ -204,10 +204,11 @@ async def test_device_page_takes_a_snapshot_and_sends_a_command(gateway_factory,
         await browser.type("textarea[name=data]", '{"volume": 3}')
         await browser.type("input[name=wait]", "5")
         await browser.click(".command-form button[type=submit]")
-        shown = await browser.wait_text(".command-form + div", "Command cmd_")
+        shown = await browser.wait_text(".command-form + div", "acked")
         sent = devices[0].commands[-1]
         assert sent["payload"] == "SET_VOLUME" and sent["data"] == {"volume": 3}
-        assert sent["id"] in shown
+        assert sent["id"] in shown and '{"done":"SET_VOLUME"}' in shown
+        await browser.wait_text(".state-acked", "acked")
         await browser.screenshot(shots / "device.png")
     finally:
         await close_all(devices)
@@ -416,3 +417,42 @@ async def test_a_sparse_filter_fills_the_page_over_several_requests(
         assert rows == [wanted["device_id"]]
     finally:
         await connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_queue_for_an_offline_device_cancel_and_follow_delivery_live(
+    gateway_factory, browser
+):
+    gateway = await gateway_factory()
+    registered, _ = await fleet(gateway, ["深圳湾06号"], connected=0)
+    creds = registered[0]
+    await browser.open(f"{gateway.base}/console/#/device/{creds['device_id']}")
+    await browser.wait_text("h1 .badge", "offline")
+
+    async def queue(command: str) -> None:
+        await browser.type("input[name=command]", command)
+        await browser.type("input[name=ttl]", "300")
+        await browser.click(".command-form button[type=submit]")
+        await browser.wait_text(".command-form + div", "queued")
+
+    await queue("SHOW_AD")
+    await queue("REBOOT")
+    await browser.wait_for(
+        "document.querySelectorAll('.state-queued').length === 2", "two queued commands"
+    )
+    await browser.run(
+        lambda: [
+            row.find_element("css selector", "button").click()
+            for row in browser.driver.find_elements("css selector", "tr")
+            if "REBOOT" in row.text
+        ]
+    )
+    await browser.wait_text(".state-canceled", "canceled")
+
+    connection = await connect_device(gateway.ws_port, creds["device_id"], creds["token"])
+    device = Firmware(connection, creds["device_id"])
+    try:
+        await browser.wait_text(".state-acked", "acked", timeout=10)  # live, no reload
+        assert [c["payload"] for c in device.commands] == ["SHOW_AD"]
+    finally:
+        await device.close()
