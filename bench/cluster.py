@@ -203,6 +203,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--runs", default="routed,local", help="routed, local or both")
+    parser.add_argument("--keep", action="store_true", help="keep the nodes' logs (and say where)")
     parser.add_argument(
         "--credentials", default=os.path.join(tempfile.gettempdir(), "elevgw-bench-cluster.jsonl")
     )
@@ -237,7 +238,10 @@ def main() -> int:
             node.stop()
         redis.terminate()
         redis.wait()
-        shutil.rmtree(folder, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {folder}", flush=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

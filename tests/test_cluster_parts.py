@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 
 from elevgw.cluster.bus import BUS_DOWN, BUS_OK, Bus
@@ -22,6 +23,7 @@ from elevgw.core.sessions import SessionRegistry
 from elevgw.presence.redis import LeaseLost, RedisPresence
 from elevgw.stores.interfaces import StoreUnavailable
 from elevgw.stores.redis import RedisStore
+from elevgw.stores.redis_connection import RedisConnection
 from elevgw.testing import FakeConnection, RecordingSink
 
 pytest_plugins = ["redis_support"]
@@ -323,3 +325,87 @@ async def test_a_node_not_listening_to_its_inbox_refuses_routed_calls_at_once(re
     )
     with pytest.raises(StoreUnavailable):
         await commands.send("dev_elsewhere", "REBOOT")
+
+
+class SlowRedis(Protocol):
+    """A Redis that answers one command at a time, ``delay`` seconds each (``SELECT`` at
+    once); ``HANG`` is never answered."""
+
+    delay = 0.2
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.queue: list[list[bytes]] = []
+        self.busy = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            command, self.buffer = _parse_command(self.buffer)
+            if command is None:
+                break
+            self.queue.append(command)
+        self._next()
+
+    def _next(self) -> None:
+        if self.busy or not self.queue:
+            return
+        command = self.queue.pop(0)
+        name = command[0].upper()
+        if name == b"SELECT":
+            self.transport.write(b"+OK\r\n")
+            self._next()
+        elif name != b"HANG":
+            self.busy = True
+            reactor.callLater(self.delay, self._answer)
+
+    def _answer(self) -> None:
+        self.busy = False
+        if self.transport.connected:
+            self.transport.write(b"+PONG\r\n")
+            self._next()
+
+
+def _parse_command(buffer: bytes) -> tuple[list[bytes] | None, bytes]:
+    """One RESP array of bulk strings off the front of ``buffer``."""
+    if not buffer.startswith(b"*") or b"\r\n" not in buffer:
+        return None, buffer
+    head, rest = buffer.split(b"\r\n", 1)
+    parts = []
+    for _ in range(int(head[1:])):
+        if b"\r\n" not in rest:
+            return None, buffer
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line[1:])
+        if len(rest) < size + 2:
+            return None, buffer
+        parts.append(rest[:size])
+        rest = rest[size + 2 :]
+    return parts, rest
+
+
+@pytest_twisted.async_yield_fixture
+async def slow_redis():
+    port = reactor.listenTCP(0, Factory.forProtocol(SlowRedis), interface="127.0.0.1")
+    yield f"redis://127.0.0.1:{port.getHost().port}/0"
+    await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_behind_a_queue_that_keeps_moving_is_not_a_timeout(slow_redis):
+    """Five calls sent at once to a Redis that takes 0.2 s over each: the last answer comes
+    after a second, three times the 0.3 s timeout, but an answer came every 0.2 s: Redis was
+    busy, not gone. A call that gets no answer at all still fails after the timeout."""
+    connection = RedisConnection(slow_redis, reactor, timeout=0.3)
+    await connection.start()
+    try:
+        results = await DeferredList(
+            [connection.command("PING") for _ in range(5)], consumeErrors=True
+        )
+        assert [ok for ok, _ in results] == [True] * 5, results
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await connection.command("HANG")
+        assert 0.25 < time.monotonic() - began < 1.0
+    finally:
+        await connection.stop()

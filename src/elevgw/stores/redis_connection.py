@@ -8,7 +8,10 @@ subscriber connection, which pub/sub needs for itself).
 Failures: every call fails with ``StoreUnavailable`` at once while there is no connection (a
 call made while ``start()`` still waits for the first one waits with it), and
 after ``timeout`` seconds when Redis does not answer (the connection is then dropped, since
-nothing more is expected on it). txredisapi reconnects in the background with a capped backoff.
+nothing more is expected on it). A connection that keeps answering is not "not answering":
+a call behind a long queue of replies (a node reading them late in a connect storm) waits
+up to ``BACKLOG_STRETCH`` times ``timeout`` while replies keep coming. txredisapi reconnects
+in the background with a capped backoff.
 
 Importing this module imports txredisapi, which installs the global reactor: import it only once
 the reactor is chosen.
@@ -51,12 +54,23 @@ def _unavailable(failure: Failure) -> Any:
     return failure
 
 
+#: How many times ``timeout`` a call may wait while the connection keeps answering others.
+BACKLOG_STRETCH = 4
+
+
 class _Protocol(txredisapi.RedisProtocol):
+    #: When the last reply arrived (the factory's clock), ``None`` before the first.
+    last_reply: float | None = None
+
     def connectionMade(self) -> Any:
         # Small commands leave at once; Nagle would hold one back while an earlier one is
         # unacknowledged (several API calls in flight).
         self.transport.setTcpNoDelay(True)
         return super().connectionMade()
+
+    def replyReceived(self, reply: Any) -> None:
+        self.last_reply = self.factory.clock.seconds()  # type: ignore[attr-defined]
+        super().replyReceived(reply)
 
 
 class RedisConnection:
@@ -100,6 +114,7 @@ class RedisConnection:
             convertNumbers=False,
         )
         factory.protocol = _Protocol
+        factory.clock = self._reactor  # type: ignore[attr-defined]
         factory.maxDelay = self.reconnect_max_delay
         self._factory = factory
         started: Deferred = Deferred()
@@ -196,15 +211,44 @@ class RedisConnection:
         except Exception:
             return fail().addErrback(_unavailable)
 
-        def timed_out(result, timeout):
+        clock = self._reactor
+        sent = clock.seconds()
+        timed_out = False
+        timer: Any = None
+
+        def check() -> None:
+            nonlocal timer, timed_out
+            now = clock.seconds()
+            last = getattr(connection, "last_reply", None)
+            if (
+                last is not None
+                and now - last < self.timeout
+                and now - sent < self.timeout * BACKLOG_STRETCH
+            ):
+                # Redis answers, only not this call yet: the replies ahead of it are still
+                # being read (a reactor busy with a connect storm reads them late). Not a
+                # frozen Redis: look again once the connection has been silent long enough.
+                timer = clock.callLater(self.timeout - (now - last), check)
+                return
             # Nothing will ever answer the calls queued behind this one: drop the connection
             # (they fail now) and let txredisapi open a fresh one.
+            timed_out = True
             if connection.connected:
                 connection.transport.abortConnection()
-            raise StoreUnavailable(f"redis: {self.address} did not answer within {timeout} s")
+            d.cancel()
 
-        d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
-        return d.addErrback(_unavailable)
+        timer = clock.callLater(self.timeout, check)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if timed_out and isinstance(result, Failure):
+                raise StoreUnavailable(
+                    f"redis: {self.address} did not answer within {self.timeout} s"
+                )
+            return result
+
+        return d.addBoth(settled).addErrback(_unavailable)
 
     def command(self, *args) -> Deferred:
         return self.request(lambda connection: connection.execute_command(*args))
