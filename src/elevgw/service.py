@@ -202,6 +202,8 @@ class GatewayService(MultiService):
             max_pending=settings.command_queue_size,
         )
         self.gateway.dispatcher = self.dispatcher
+        if self.cluster is not None:
+            self.dispatcher.install_remote(self.cluster.bus, self.cluster.commands.call_holder)
         self.device_factory = DeviceFactory(
             self.gateway,
             settings.max_message_size,

@@ -128,6 +128,11 @@ class ClusterCommands:
             d.addErrback(moved)
         return d.addErrback(lambda f: _local_error(device_id, f))
 
+    def call_holder(self, device_id: str, kind: str, body: dict, timeout: float) -> Deferred:
+        """Run the bus handler ``kind`` on the node holding the device (``DeviceOffline`` when
+        it is held nowhere): how other parts (the command queue) reach a device's node."""
+        return self._route(device_id, kind, body, timeout)
+
     def _locate_and_call(self, device_id: str, kind: str, body: dict, timeout: float) -> Deferred:
         def found(placements: dict) -> Any:
             placement = placements.get(device_id)

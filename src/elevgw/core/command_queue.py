@@ -42,6 +42,7 @@ from elevgw.stores.interfaces import (
     CommandRecord,
     Delivery,
     ICommandQueue,
+    QueueFull,
 )
 from elevgw.util import clock_ms
 
@@ -51,6 +52,24 @@ EXPIRE_BATCH = 1000
 #: Why a wait ended without the command finishing.
 WAIT_TIMEOUT = "timeout"
 WAIT_DISCONNECTED = "disconnected"
+
+
+#: Bus calls between nodes: run a command call on the device's node; look at its queue.
+REMOTE_EXECUTE = "command"
+REMOTE_PUMP = "command_pump"
+
+#: Seconds a routed command call may take on top of its ``wait``.
+ROUTE_SLACK = 5.0
+
+
+def _from_answer(answer: dict) -> CommandRecord:
+    """The record a remote ``execute`` answered with; its failures raised again here."""
+    if answer.get("error") == "queue_full":
+        raise QueueFull("the device's queue is full")
+    record = CommandRecord(**answer["record"])
+    if answer.get("ended"):
+        raise WaitEnded(answer["ended"], record)
+    return record
 
 
 class UnknownCommand(Exception):
@@ -122,6 +141,8 @@ class CommandDispatcher:
         self._connected: dict[str, DeviceSession] = {}
         self._take_call: Any = None
         self.queue_depth = 0
+        #: ``call_holder(device_id, kind, body, timeout)`` in a cluster (``install_remote``).
+        self.remote: Any = None
         registry.on_session_ended.append(self._session_ended)
         router.on_sent = self._written_at_once
         self._states = Counter(
@@ -150,6 +171,98 @@ class CommandDispatcher:
         ).set_function(lambda: len(self._waits))
 
     # -- submitting
+
+    def execute(
+        self,
+        device_id: str,
+        name: str,
+        data: Any,
+        ttl: float | None = None,
+        collapse_key: str | None = None,
+        wait: float | None = None,
+        local_only: bool = False,
+    ) -> Deferred:
+        """``submit`` and, with ``wait`` (seconds), ``wait``: the whole API call.
+
+        In a cluster (``remote`` set) a device held by another node is served there, so its
+        ack and its disconnect reach the wait at once; a device held nowhere gets its command
+        queued here (with ``ttl``), in the store every node shares.
+        """
+        return Deferred.fromCoroutine(
+            self._execute(device_id, name, data, ttl, collapse_key, wait, local_only)
+        )
+
+    async def _execute(
+        self,
+        device_id: str,
+        name: str,
+        data: Any,
+        ttl: float | None,
+        collapse_key: str | None,
+        wait: float | None,
+        local_only: bool,
+    ) -> CommandRecord:
+        remote = None if local_only else self.remote
+        if remote is not None and self._registry.get(device_id) is None:
+            body = dict(
+                device=device_id,
+                name=name,
+                data=data,
+                ttl=ttl,
+                collapse_key=collapse_key,
+                wait=wait,
+            )
+            try:
+                answer = await remote(device_id, REMOTE_EXECUTE, body, (wait or 0) + ROUTE_SLACK)
+            except DeviceOffline:
+                if ttl is None:
+                    raise
+            else:
+                return _from_answer(answer)
+            record = await self.submit(device_id, name, data, ttl, collapse_key)
+            # It may have connected to another node while this was stored: that node looks.
+            remote(device_id, REMOTE_PUMP, {"device": device_id}, ROUTE_SLACK).addErrback(
+                lambda _: None
+            )
+        else:
+            record = await self.submit(device_id, name, data, ttl, collapse_key)
+        if wait is None:
+            return record
+        return await self.wait(record, wait)
+
+    def install_remote(self, bus: Any, call_holder: Any) -> None:
+        """Join a cluster: serve other nodes' command calls on ``bus``, reach the devices
+        other nodes hold through ``call_holder(device_id, kind, body, timeout)``."""
+        self.remote = call_holder
+        bus.handlers.update({REMOTE_EXECUTE: self._remote_execute, REMOTE_PUMP: self._pump})
+
+    def _remote_execute(self, message: dict) -> Deferred:
+        d = self.execute(
+            message["device"],
+            message["name"],
+            message.get("data"),
+            message.get("ttl"),
+            message.get("collapse_key"),
+            message.get("wait"),
+            local_only=True,
+        )
+
+        def ended(failure: Failure) -> dict:
+            error = failure.value
+            if isinstance(error, WaitEnded):
+                return {"record": attrs.asdict(error.record), "ended": error.reason}
+            if failure.check(QueueFull):
+                return {"error": "queue_full"}
+            return failure  # type: ignore[return-value]
+
+        return d.addCallbacks(lambda record: {"record": attrs.asdict(record)}, ended)
+
+    def _pump(self, message: dict) -> Deferred:
+        device_id = message["device"]
+        if self._registry.get(device_id) is None:
+            return succeed({})
+        d = self.queue.take([device_id], clock_ms(self._clock), resend=False)
+        return d.addCallback(self._deliver).addCallback(lambda _: {})
 
     def submit(
         self,

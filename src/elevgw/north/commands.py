@@ -151,17 +151,15 @@ class CommandRoutes(APIBase):
         if ttl is not None and await self.store.get_device(device_id) is None:
             raise ApiError(404, "unknown_device", f"no device {device_id}")
         try:
-            record = await self.command_queue.submit(
-                device_id, command, body.get("data"), ttl=ttl, collapse_key=collapse_key
+            record = await self.command_queue.execute(
+                device_id, command, body.get("data"), ttl, collapse_key, wait
             )
         except DeviceOffline:
             return await self._offline_or_unknown(request, device_id)
-        if wait is None:
-            return self._json(request, {"id": record.id, "state": record.state}, 202)
-        try:
-            record = await self.command_queue.wait(record, wait)
         except WaitEnded as ended:
             return self._wait_ended(request, ended)
+        if wait is None:
+            return self._json(request, {"id": record.id, "state": record.state}, 202)
         return self._finished_answer(request, record)
 
     def _finished_answer(self, request: Any, record: CommandRecord) -> bytes:
