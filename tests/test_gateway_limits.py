@@ -194,3 +194,42 @@ def test_a_snapshot_frame_that_is_not_an_image_is_no_sign_of_life():
     gateway.binary_received(session, b"garbage")
     assert session.last_active == connected
     assert errors(connection)[0]["error"] == wire.NOT_AN_IMAGE
+
+
+def test_a_device_over_its_rate_is_not_read_until_its_next_token_is_due():
+    clock, store, gateway, connection, session = make_gateway(message_rate=10, message_burst=5)
+    for _ in range(6):
+        gateway.text_received(session, frame({"type": "heartbeat"}))
+    assert not connection.reading and connection.pauses == 1
+    gateway.text_received(session, frame({"type": "heartbeat"}))  # the rest of that read
+    assert connection.pauses == 1
+    clock.advance(0.05)
+    assert not connection.reading
+    clock.advance(0.06)  # one token is due after 0.1 s
+    assert connection.reading
+    gateway.text_received(session, frame({"type": "heartbeat"}))
+    assert frames(connection)[-1]["type"] == "pong"
+
+
+def test_a_device_closed_for_its_rate_is_refused_with_429_until_the_cooldown_ends():
+    clock, store, gateway, connection, session = make_gateway(
+        message_rate=10, message_burst=5, limit_cooldown=30
+    )
+    for _ in range(12):
+        gateway.text_received(session, frame({"type": "heartbeat"}))
+    assert connection.closed_with[0] == CLOSE_POLICY and not connection.reading
+    assert clock.getDelayedCalls() == [] or all(
+        not call.func.__name__.startswith("_rate") for call in clock.getDelayedCalls()
+    )
+    refused = []
+    gateway.authenticate(DEVICE, "token").addErrback(refused.append)
+    error = refused[0].value
+    assert (error.status, error.retry_after) == (429, 30)
+    assert limit_hits(gateway, "cooldown") == 1
+    clock.advance(20)
+    gateway.authenticate(DEVICE, "token").addErrback(refused.append)
+    assert (refused[1].value.status, refused[1].value.retry_after) == (429, 10)
+    clock.advance(10)
+    gateway.sweep()
+    gateway.authenticate(DEVICE, "token").addErrback(refused.append)
+    assert refused[2].value.status == 401  # looked up in the store again (and unknown there)

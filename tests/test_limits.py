@@ -65,6 +65,14 @@ async def test_a_flooding_device_is_closed_while_the_others_keep_their_pongs(gat
     assert (await newcomer.request({"type": "heartbeat"}))["type"] == "pong"
     assert await metric(gateway, "elevgw_limit_hits_total", limit="message_rate_close") == 1
     assert await metric(gateway, "elevgw_closes_total", code="1008") == 1
+    # Reconnecting at once gets no fresh burst: 429 until the cooldown ends.
+    client = await raw_connect(gateway.ws_port)
+    client.transport.write(
+        handshake(f"device_id={flooder_creds['device_id']}&token={flooder_creds['token']}")
+    )
+    received = await client.lost.addTimeout(5, reactor)
+    assert received.startswith(b"HTTP/1.1 429 ")
+    assert re.search(rb"\r\nRetry-After: \d+\r\n", received), received
     await other.close()
     await newcomer.close()
 

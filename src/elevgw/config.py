@@ -35,6 +35,7 @@ class Settings:
     max_outbound_buffer: int = 1024 * 1024
     handshake_timeout: float = 10.0
     max_sessions: int = 50_000
+    limit_cooldown: float = 30.0
     max_body_size: int = 64 * 1024
     max_waiting_calls: int = 1000
     redis_prefix: str = "elevgw:"

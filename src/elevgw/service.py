@@ -184,6 +184,7 @@ class GatewayService(MultiService):
             message_burst=settings.message_burst,
             max_pending_writes=settings.max_pending_writes,
             max_sessions=settings.max_sessions,
+            limit_cooldown=settings.limit_cooldown,
         )
         self.cluster = self._make_cluster(raw_store)
         self.presence: IPresence = (

@@ -241,6 +241,13 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
+            "limit-cooldown",
+            None,
+            30.0,
+            "Seconds a device closed for a limit (1008) is refused (429) when it reconnects.",
+            _positive_float,
+        ],
+        [
             "max-body-size",
             None,
             65536,
@@ -669,6 +676,7 @@ class Options(usage.Options):
             max_outbound_buffer=self["max-outbound-buffer"],
             handshake_timeout=self["handshake-timeout"],
             max_sessions=self["max-sessions"],
+            limit_cooldown=self["limit-cooldown"],
             max_body_size=self["max-body-size"],
             max_waiting_calls=self["max-waiting-calls"],
             redis_prefix=self["redis-prefix"],

@@ -10,6 +10,7 @@ trip, no log line, no allocation beyond the frame itself.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, fail
@@ -34,10 +35,12 @@ LAST_SEEN_CHUNK = 1000
 class HandshakeRefused(Exception):
     """A device may not connect; ``status`` is the HTTP status of the refused handshake."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        #: Seconds the device should wait (``Retry-After``), when the refusal says.
+        self.retry_after = retry_after
 
 
 class Gateway:
@@ -58,12 +61,16 @@ class Gateway:
         message_burst: int = 200,
         max_pending_writes: int = 16,
         max_sessions: int = 50_000,
+        limit_cooldown: float = 30.0,
     ) -> None:
         self.max_pending_handshakes = max_pending_handshakes
         self.message_rate = message_rate
         self.message_burst = message_burst
         self.max_pending_writes = max_pending_writes
         self.max_sessions = max_sessions
+        self.limit_cooldown = limit_cooldown
+        #: device id -> clock time until which a device closed for a limit is refused.
+        self._cooling_down: dict[str, float] = {}
         self._pending_seen: dict[str, float] = {}
         self._seen_writes: set[Deferred] = set()
         self._pending_handshakes = 0
@@ -103,6 +110,19 @@ class Gateway:
         """
         if self._pending_handshakes >= self.max_pending_handshakes:
             return fail(HandshakeRefused(503, "gateway busy, retry later"))
+        until = self._cooling_down.get(device_id)
+        if until is not None:
+            wait = until - self.clock.seconds()
+            if wait > 0:
+                self.metrics.limit_hit("cooldown")
+                return fail(
+                    HandshakeRefused(
+                        429,
+                        "closed for going past its limits; connect again later",
+                        retry_after=math.ceil(wait),
+                    )
+                )
+            del self._cooling_down[device_id]
         if (
             len(self.registry) + self._pending_handshakes >= self.max_sessions
             and self.registry.get(device_id) is None
@@ -164,9 +184,20 @@ class Gateway:
         on it is closed with 1008. Frames over the limit are dropped and do not count as
         signs of life.
         """
-        verdict = session.limits.check_frame(now)
+        limits = session.limits
+        return self._act_on_verdict(session, limits.verdict(limits.bucket.take(now)))
+
+    def _act_on_verdict(self, session: DeviceSession, verdict: Verdict) -> bool:
         if verdict is Verdict.ALLOW:
             return True
+        limits = session.limits
+        if verdict is not Verdict.CLOSE and limits.rate_resume is None:
+            # Read nothing more until a token is due: the frames wait in the device's own
+            # socket instead of being read, parsed and dropped as fast as it sends them.
+            limits.rate_resume = self.clock.callLater(
+                limits.next_token_in(), self._rate_resumed, session
+            )
+            session.connection.pause_reading()
         if verdict is Verdict.WARN:
             self.metrics.limit_hit("message_rate")
             self.log.info(
@@ -188,14 +219,26 @@ class Gateway:
             self.close_for_policy(session, "message_rate", "went on past its message rate")
         return False
 
+    def _rate_resumed(self, session: DeviceSession) -> None:
+        limits = session.limits
+        limits.rate_resume = None
+        if not session.ended and not limits.paused:
+            session.connection.resume_reading()
+
     def close_for_policy(self, session: DeviceSession, limit: str, why: str) -> None:
         """End ``session`` at once for breaking ``limit`` and close its socket with 1008.
 
         The session is offline (``closed``) before this returns, so a command written to
-        it afterwards fails as offline instead of being buffered for a closing socket.
+        it afterwards fails as offline instead of being buffered for a closing socket. The
+        device's handshakes are refused (429) for ``limit_cooldown`` seconds, and nothing
+        more is read from this socket (the close handshake times out on a flooder).
         """
         if session.ended:
             return
+        self._cooling_down[session.device_id] = self.clock.seconds() + self.limit_cooldown
+        timer, session.limits.rate_resume = session.limits.rate_resume, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self.metrics.limit_hit(limit + "_close")
         self.log.warn(
             "device {device_id} closed (1008): {why}",
@@ -206,12 +249,16 @@ class Gateway:
         self.registry.end(session, events.OFFLINE_CLOSED)
         try:
             session.connection.close(CLOSE_POLICY, why)
+            session.connection.pause_reading()
         except Exception:
             self.log.failure("closing device {device_id} failed", device_id=session.device_id)
 
     def text_received(self, session: DeviceSession, data: bytes) -> None:
         now = self.clock.seconds()
-        if not self.frame_allowed(session, now):
+        limits = session.limits
+        took = limits.bucket.take(now)
+        # ``frame_allowed`` inlined for the frame of almost every message.
+        if (not took or limits.warned) and not self._act_on_verdict(session, limits.verdict(took)):
             return
         try:
             frame = wire.parse_frame(data, session.device_id)
@@ -365,7 +412,7 @@ class Gateway:
             session.connection.pause_reading()
 
         def finished(result: Any) -> Any:
-            if limits.write_finished(bound) and not session.ended:
+            if limits.write_finished(bound) and not session.ended and limits.rate_resume is None:
                 session.connection.resume_reading()
             return result
 
@@ -387,6 +434,10 @@ class Gateway:
 
     def sweep(self) -> int:
         started = self.clock.seconds()
+        cooling = self._cooling_down
+        if cooling:
+            for device_id in [d for d, until in cooling.items() if until <= started]:
+                del cooling[device_id]
         try:
             return self.registry.sweep()
         finally:

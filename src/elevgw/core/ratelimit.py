@@ -6,6 +6,12 @@ if it goes on (another ``burst`` of frames over the limit before its bucket refi
 closed with 1008. A device that has not backed off is counted against the bucket for every
 frame, so a flood at twice the rate is closed as surely as one at a thousand times.
 
+A device over its rate is also not read from until its next token is due: its frames wait
+in its own socket and TCP window, which costs the gateway nothing, instead of being read,
+parsed and dropped at whatever speed the device can send. A device closed for a limit may
+not connect again for a cooldown (the gateway's ``cooldown``), so a firmware that reconnects
+at once after each close does not get a fresh burst every time.
+
 Apart from the rate, a device whose store writes (logs, snapshots) are still pending beyond
 ``max_pending_writes`` is not read from until they finish: its frames wait in its own socket
 buffer (and then in its own TCP window) instead of in the gateway's memory and the store's
@@ -74,7 +80,14 @@ class DeviceLimits:
     binary or ping), whichever code path parses it.
     """
 
-    __slots__ = ("bucket", "warned", "over_since_warning", "pending_writes", "paused")
+    __slots__ = (
+        "bucket",
+        "warned",
+        "over_since_warning",
+        "pending_writes",
+        "paused",
+        "rate_resume",
+    )
 
     def __init__(self, rate: float, burst: int, clock: Any) -> None:
         self.bucket = TokenBucket(rate, burst, clock)
@@ -82,10 +95,22 @@ class DeviceLimits:
         self.over_since_warning = 0
         self.pending_writes = 0
         self.paused = False
+        #: The timer that resumes reading once a token is due (while over the rate).
+        self.rate_resume: Any = None
+
+    def next_token_in(self) -> float:
+        """Seconds until the bucket holds one token again."""
+        bucket = self.bucket
+        return max(0.0, (1.0 - bucket.tokens) / bucket.rate)
 
     def check_frame(self, now: float | None = None) -> Verdict:
+        return self.verdict(self.bucket.take(now))
+
+    def verdict(self, took: bool) -> Verdict:
+        """The verdict on a frame for which the bucket gave a token (``took``) or not; a hot
+        path may take the token itself and ask only when ``not took or self.warned``."""
         bucket = self.bucket
-        if bucket.take(now):
+        if took:
             if self.warned and bucket.tokens >= bucket.burst - 1:
                 # Backed off until the bucket refilled: the warning is spent.
                 self.warned = False

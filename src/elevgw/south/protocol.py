@@ -22,6 +22,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 
 from elevgw.core.gateway import Gateway, HandshakeRefused
+from elevgw.core.sessions import CLOSE_POLICY
 from elevgw.south import fast_write, lean_frames, slim
 from elevgw.south.refusals import WS_PATH, PlainRefusalsProtocol
 
@@ -110,6 +111,7 @@ class DeviceProtocol(PlainRefusalsProtocol):
     #: Whether open connections drop what the handshake left (``slim``); set by the factory.
     slim_enabled = False
     _handshake_timer: Any = None
+    _retry_after: int | None = None
     _handshake_bytes = 0
     _handshake_lines = 0
 
@@ -140,6 +142,7 @@ class DeviceProtocol(PlainRefusalsProtocol):
             failure.trap(HandshakeRefused)
             status = failure.value.status
             handshake["unauthorized" if status == 401 else "unavailable"].inc()
+            self._retry_after = failure.value.retry_after
             raise ConnectionDeny(status, failure.value.reason)
 
         return d.addCallbacks(admitted, refused)
@@ -189,8 +192,9 @@ class DeviceProtocol(PlainRefusalsProtocol):
         super().onPing(payload)
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
-        if code == 503:
-            responseHeaders = [*(responseHeaders or ()), ("Retry-After", RETRY_AFTER_SECONDS)]
+        if code in (429, 503):
+            wait = self._retry_after or RETRY_AFTER_SECONDS
+            responseHeaders = [*(responseHeaders or ()), ("Retry-After", wait)]
         super().failHandshake(reason, code, responseHeaders)
 
     def connectionMade(self):
@@ -303,7 +307,8 @@ class DeviceProtocol(PlainRefusalsProtocol):
             # Closing or gone (an answer to a store write that finished after the close):
             # the device can no longer get it.
             return
-        self.check_outbound()
+        if getattr(self.transport, "elevgw_held", None) is None:
+            self.check_outbound()  # (while a read's answers are held, checked after the read)
 
     def close(self, code: int, reason: str) -> None:
         """Close with ``code``; ``elevgw_closes_total`` counts the code the gateway chose,
@@ -317,6 +322,11 @@ class DeviceProtocol(PlainRefusalsProtocol):
             # Autobahn's public sendClose refuses protocol codes such as 1001 (going away),
             # which the drain must send.
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+        if code == CLOSE_POLICY and self.transport is not None:
+            # Final: nothing more is read from a device closed for a limit (a flooder would
+            # keep the gateway parsing until its close reply); the socket closes once the
+            # close frame is out.
+            self.transport.loseConnection()
 
 
 class DeviceFactory(WebSocketServerFactory):
