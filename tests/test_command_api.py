@@ -354,3 +354,28 @@ async def test_commands_sent_with_api_send_are_listed_and_acked(start):
         (sent["id"], "acked", 7)
     ]
     await device.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_sent_just_before_a_shutdown_are_still_recorded(start):
+    first = await start()
+    device_id, device = await online_device(first)
+    _, sent = await first.call("POST", "/api/send", {"device_id": device_id, "command": "R"})
+    await first.service.stopService()
+    second = await start()
+    status, record = await second.call("GET", f"/api/v1/devices/{device_id}/commands/{sent['id']}")
+    assert (status, record["state"]) == (200, "sent")
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_count_commands_by_state_and_the_queue_depth(start):
+    gateway = await start()
+    device_id, _ = await registered(gateway)
+    for _ in range(2):
+        await post(gateway, device_id, {"command": "X", "ttl": 60})
+    await sleep(1.2)  # the expiry pass counts the queue once a second
+    status, text = await gateway.call("GET", "/metrics")
+    assert status == 200
+    assert b'elevgw_command_states_total{state="queued"} 2.0' in text
+    assert b"elevgw_command_queue_depth 2.0" in text
+    assert b"elevgw_command_waits 0.0" in text

@@ -228,3 +228,13 @@ def test_an_ack_for_no_known_command_changes_nothing(payload):
     ack(node, "dev_a", "cmd_unknown", payload)
     ack(node, "dev_a", None, payload)
     assert node.finished() == []
+
+
+def test_a_drain_waits_for_the_commands_written_at_once_to_be_stored():
+    node = Node()
+    node.connect("dev_a")
+    node.clock.advance(0)
+    sent = node.router.send("dev_a", "X", 1)
+    done = node.dispatcher.recorded()
+    assert done.called
+    assert [r.id for r in result_of(node.queue.recent("dev_a", 10))] == [sent.id]

@@ -470,6 +470,8 @@ class GatewayService(MultiService):
         remaining = max(0.0, deadline - self.reactor.seconds())
         await within(self.gateway.last_seen_written(), remaining, self.reactor)
         remaining = max(0.0, deadline - self.reactor.seconds())
+        await within(self.dispatcher.recorded(), remaining, self.reactor)
+        remaining = max(0.0, deadline - self.reactor.seconds())
         delivered = await within(self.event_sink.drain(remaining), remaining, self.reactor)
         if delivered is False:
             self.log.warn(

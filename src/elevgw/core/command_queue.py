@@ -347,6 +347,27 @@ class CommandDispatcher:
 
         self._recording.addErrback(failed).addBoth(done)
 
+    def recorded(self) -> Deferred:
+        """Fires once every command written at once so far is stored (or given up): a drain
+        waits for it before the store stops, or the last batch would find it closed."""
+        return Deferred.fromCoroutine(self._all_recorded())
+
+    async def _all_recorded(self) -> None:
+        while self._recording is not None or self._unrecorded:
+            if self._recording is None:
+                if self._record_call is not None and self._record_call.active():
+                    self._record_call.cancel()
+                self._record_batch()
+                continue
+            finished: Deferred = Deferred()
+
+            def passed(result: Any, finished: Deferred = finished) -> Any:
+                finished.callback(None)
+                return result
+
+            self._recording.addBoth(passed)
+            await finished
+
     # -- delivering
 
     def device_connected(self, session: DeviceSession) -> None:
