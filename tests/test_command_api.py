@@ -372,10 +372,15 @@ async def test_metrics_count_commands_by_state_and_the_queue_depth(start):
     gateway = await start()
     device_id, _ = await registered(gateway)
     for _ in range(2):
-        await post(gateway, device_id, {"command": "X", "ttl": 60})
-    await sleep(1.2)  # the expiry pass counts the queue once a second
-    status, text = await gateway.call("GET", "/metrics")
-    assert status == 200
-    assert b'elevgw_command_states_total{state="queued"} 2.0' in text
+        status, body = await post(gateway, device_id, {"command": "X", "ttl": 60})
+        assert status == 202, body
+    deadline = time.monotonic() + 10
+    while True:  # the expiry pass counts the queue once a second
+        status, text = await gateway.call("GET", "/metrics")
+        assert status == 200
+        if b"elevgw_command_queue_depth 2.0" in text or time.monotonic() > deadline:
+            break
+        await sleep(0.2)
     assert b"elevgw_command_queue_depth 2.0" in text
+    assert b'elevgw_command_states_total{state="queued"} 2.0' in text
     assert b"elevgw_command_waits 0.0" in text
