@@ -21,7 +21,7 @@ from elevgw.core.command_queue import (
 from elevgw.core.commands import CommandRouter, DeviceOffline
 from elevgw.core.sessions import SessionRegistry
 from elevgw.events.model import CommandFinished
-from elevgw.stores.interfaces import QueueFull
+from elevgw.stores.interfaces import CommandRecord, QueueFull
 from elevgw.testing import FakeConnection, MemoryCommandQueue, RecordingSink
 
 
@@ -238,3 +238,25 @@ def test_a_drain_waits_for_the_commands_written_at_once_to_be_stored():
     done = node.dispatcher.recorded()
     assert done.called
     assert [r.id for r in result_of(node.queue.recent("dev_a", 10))] == [sent.id]
+
+
+def test_connects_skip_the_store_while_a_single_node_knows_no_command_is_pending():
+    node = Node()
+    result_of(node.dispatcher.expire_due())  # the store counted: nothing pending
+    node.connect("dev_a")
+    node.clock.advance(0)
+    assert node.queue.calls.get("take", 0) == 0
+    record = result_of(node.dispatcher.submit("dev_b", "X", None, ttl=60))
+    connection = node.connect("dev_b")
+    node.clock.advance(0)
+    assert [c["id"] for c in commands(connection)] == [record.id]
+
+
+def test_before_the_first_count_every_connect_asks_the_store():
+    node = Node()  # a node just started: its store holds a command from before the restart
+    now = int(node.clock.seconds() * 1000)
+    stored = CommandRecord("cmd_old", "dev_a", "X", None, "queued", now, now, expires=now + 60_000)
+    node.queue.add(stored, 100)
+    connection = node.connect("dev_a")
+    node.clock.advance(0)
+    assert [c["id"] for c in commands(connection)] == ["cmd_old"]

@@ -141,6 +141,11 @@ class CommandDispatcher:
         self._connected: dict[str, DeviceSession] = {}
         self._take_call: Any = None
         self.queue_depth = 0
+        #: The store's last count found no pending command, and none was queued here since
+        #: that count began (false until a count: the store may hold commands from before a
+        #: restart).
+        self._known_empty = False
+        self._queued_since_count = False
         #: ``call_holder(device_id, kind, body, timeout)`` in a cluster (``install_remote``).
         self.remote: Any = None
         registry.on_session_ended.append(self._session_ended)
@@ -304,6 +309,8 @@ class CommandDispatcher:
         )
         superseded = await self.queue.add(record, self.max_pending)
         self._state[QUEUED].inc()
+        self._queued_since_count = True
+        self._known_empty = False
         for each in superseded:
             self._finished(each)
         if self._registry.get(device_id) is not None:
@@ -373,8 +380,13 @@ class CommandDispatcher:
     def device_connected(self, session: DeviceSession) -> None:
         """A device connected here: its pending commands are written to it, in order.
 
-        Devices connecting in one reactor turn (a reconnect storm) share one store call.
+        Devices connecting in one reactor turn (a reconnect storm) share one store call. A
+        single node whose store held no pending command at the last count (once a second), and
+        that queued none since, skips it: a connect storm then costs no store call here. (In a
+        cluster another node may have queued one meanwhile, so there it always asks.)
         """
+        if self._known_empty and self.remote is None:
+            return
         self._connected[session.device_id] = session
         if self._take_call is None:
             self._take_call = self._clock.callLater(0, self._take_connected)
@@ -601,9 +613,13 @@ class CommandDispatcher:
         async def expire() -> None:
             for record in await self.queue.expire_due(now, EXPIRE_BATCH):
                 self._finished(record)
-            self.queue_depth = await self.queue.depth()
+            self._queued_since_count = False
+            depth = await self.queue.depth()
+            self.queue_depth = depth
+            self._known_empty = depth == 0 and not self._queued_since_count
 
         def failed(failure: Failure) -> None:
+            self._known_empty = False  # no count: ask the store on every connect
             self._store_errors.labels("expire").inc()
             self.log.warn("expiring commands failed: {error}", error=failure.getErrorMessage())
 
