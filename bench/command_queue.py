@@ -125,6 +125,7 @@ class Bench:
         self.creds = creds
         self.expected: dict[str, list[str]] = {}
         self.errors: collections.Counter = collections.Counter()
+        self.attempts: collections.Counter = collections.Counter()
         self.http_latency: list[float] = []
         self.devices: list[QueueDevice] = []
         self.received = 0
@@ -185,6 +186,7 @@ class Bench:
         from twisted.internet import defer
 
         self.devices = [QueueDevice(self, d, t) for d, t in self.creds]
+        self.attempts.clear()
         self.received = 0
         self.waiting_for = expect
         self.all_received = defer.Deferred() if expect is not None else None
@@ -217,8 +219,20 @@ class Bench:
         self._pump()
 
     def failed(self, device: QueueDevice, why: str) -> None:
+        """A connect that failed is tried again after a second, three times at most (a device
+        reconnects with backoff); only the last failure is an error."""
         self.connecting -= 1
-        self.errors[why] += 1
+        self.attempts[device.device_id] += 1
+        if self.attempts[device.device_id] <= 3:
+            self.errors["retried:" + why] += 1
+            device.done = False
+            self.reactor.callLater(1.0, self._retry, device)
+        else:
+            self.errors[why] += 1
+        self._pump()
+
+    def _retry(self, device: QueueDevice) -> None:
+        self.connect_queue.append(device)
         self._pump()
 
     def command_received(self) -> None:
