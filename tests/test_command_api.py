@@ -59,7 +59,8 @@ async def sleep(seconds):
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_ack_of_the_snapshot_command_is_a_receipt_and_the_image_answers(gateway):
+async def test_an_ack_of_the_snapshot_command_is_a_receipt_and_the_image_answers(start):
+    gateway = await start()
     device_id, device = await online_device(gateway)
     waiting = ensureDeferred(gateway.call("GET", f"/api/v1/devices/remote/{device_id}/snapshot"))
     command = await device.frame()
