@@ -244,3 +244,24 @@ async def test_the_queue_survives_a_restart(make_queue, started):
     again = await started()
     taken = await within(again.take(["dev_a"], NOW + 2, resend=True))
     assert ids(taken["dev_a"].send) == [command(1).id, command(2).id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_steps_run_in_call_order_on_redis_that_does_not_know_the_scripts(
+    redis_url, redis_server
+):
+    """Steps sent back to back (a record, then the ack of it) run in that order even when
+    Redis answers the first ``NOSCRIPT`` (a new or restarted server) and knows the second."""
+    store = RedisStore(redis_url, timeout=2.0)
+    queue = RedisCommandQueue(store)
+    await within(store.start())
+    try:
+        redis_server.command("SCRIPT", "FLUSH")
+        await within(queue.finish("dev_a", "cmd_none", ACKED, None, NOW))  # Redis knows this one
+        recording = queue.record([command(1, ttl=None, state=SENT)])
+        acking = queue.finish("dev_a", command(1).id, ACKED, "ok", NOW + 1)
+        await within(recording)
+        record, changed = await within(acking)
+        assert changed and record.state == ACKED
+    finally:
+        await within(store.stop())

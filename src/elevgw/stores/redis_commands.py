@@ -225,7 +225,11 @@ class RedisCommandQueue:
         return self._store.prefix
 
     def _run(self, script: _Script, args: Sequence[Any]) -> Deferred:
-        return self._store._script(script, [], [self._prefix, *args])
+        """Always ``EVAL``, never ``EVALSHA`` first: a script Redis does not know yet (a new
+        server, a restart) would answer ``NOSCRIPT`` and go again behind the calls sent
+        meanwhile, so an ack's step could run before the step that stored its command. Redis
+        caches the compiled script by its digest either way; the cost is the source's bytes."""
+        return self._store._command("EVAL", script.source, 0, self._prefix, *args)
 
     def start(self) -> Deferred:
         return succeed(None)
