@@ -260,3 +260,13 @@ def test_before_the_first_count_every_connect_asks_the_store():
     connection = node.connect("dev_a")
     node.clock.advance(0)
     assert [c["id"] for c in commands(connection)] == ["cmd_old"]
+
+
+def test_an_expiry_pass_takes_several_batches_when_many_expire_at_once(monkeypatch):
+    monkeypatch.setattr("elevgw.core.command_queue.EXPIRE_BATCH", 2)
+    node = Node()
+    for n in range(5):
+        result_of(node.dispatcher.submit("dev_a", "X", n, ttl=1))
+    node.clock.advance(1)
+    result_of(node.dispatcher.expire_due())
+    assert len(node.finished()) == 5 and node.queue.calls["expire_due"] == 3

@@ -46,8 +46,10 @@ from elevgw.stores.interfaces import (
 )
 from elevgw.util import clock_ms
 
-#: Commands expired per store call by the expiry loop.
+#: Commands expired per store call by the expiry pass, and store calls per pass at most (the
+#: rest wait for the next pass; delivery never sends an expired command meanwhile).
 EXPIRE_BATCH = 1000
+EXPIRE_BATCHES = 10
 
 #: Why a wait ended without the command finishing.
 WAIT_TIMEOUT = "timeout"
@@ -611,8 +613,12 @@ class CommandDispatcher:
         now = clock_ms(self._clock)
 
         async def expire() -> None:
-            for record in await self.queue.expire_due(now, EXPIRE_BATCH):
-                self._finished(record)
+            for _ in range(EXPIRE_BATCHES):
+                expired = await self.queue.expire_due(now, EXPIRE_BATCH)
+                for record in expired:
+                    self._finished(record)
+                if len(expired) < EXPIRE_BATCH:
+                    break
             self._queued_since_count = False
             depth = await self.queue.depth()
             self.queue_depth = depth
