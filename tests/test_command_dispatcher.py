@@ -270,3 +270,29 @@ def test_an_expiry_pass_takes_several_batches_when_many_expire_at_once(monkeypat
     node.clock.advance(1)
     result_of(node.dispatcher.expire_due())
     assert len(node.finished()) == 5 and node.queue.calls["expire_due"] == 3
+
+
+def test_acks_of_one_reactor_turn_share_one_store_call():
+    node = Node()
+    connection = node.connect("dev_a")
+    records = [result_of(node.dispatcher.submit("dev_a", "X", n, ttl=60)) for n in range(3)]
+    node.clock.advance(0)
+    for frame in commands(connection):
+        ack(node, "dev_a", frame["id"], "ok")
+    ack(node, "dev_a", "cmd_unknown", "ok")
+    assert node.finished() == []
+    node.clock.advance(0)
+    assert node.queue.calls["finish_many"] == 1
+    assert node.finished() == [(r.id, "acked") for r in records]
+
+
+def test_a_store_outage_on_acks_is_counted_and_the_commands_stay_pending():
+    node = Node()
+    connection = node.connect("dev_a")
+    record = result_of(node.dispatcher.submit("dev_a", "X", None, ttl=60))
+    node.queue.unavailable = True
+    ack(node, "dev_a", commands(connection)[0]["id"])
+    node.clock.advance(0)
+    assert node.metric("elevgw_command_store_errors_total", step="ack") == 1
+    node.queue.unavailable = False
+    assert result_of(node.dispatcher.get("dev_a", record.id)).state == "sent"

@@ -265,3 +265,30 @@ async def test_steps_run_in_call_order_on_redis_that_does_not_know_the_scripts(
         assert changed and record.state == ACKED
     finally:
         await within(store.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_finish_many_takes_each_step_like_finish_in_one_call(started):
+    queue = await started()
+    for number in (1, 2):
+        await within(queue.add(command(number), 100))
+    await within(queue.finish("dev_a", command(2).id, ACKED, "first", NOW))
+    results = await within(
+        queue.finish_many(
+            [
+                ("dev_a", command(1).id, ACKED, {"ok": "一"}),
+                ("dev_a", command(2).id, ACKED, "second"),
+                ("dev_b", command(1).id, ACKED, None),
+                ("dev_a", command(1).id, CANCELED, None),
+            ],
+            NOW + 1,
+        )
+    )
+    assert [(r.state if r else None, r.result if r else None, c) for r, c in results] == [
+        (ACKED, {"ok": "一"}, True),
+        (ACKED, "first", False),
+        (None, None, False),
+        (ACKED, {"ok": "一"}, False),
+    ]
+    assert await within(queue.finish_many([], NOW)) == []
+    assert await within(queue.take(["dev_a"], NOW + 2, resend=True)) == {}

@@ -297,16 +297,24 @@ class MemoryCommandQueue:
                     taken[device_id] = delivery
         return self._call("take", taken)
 
+    def _finish_now(
+        self, device_id: str, command_id: str, state: str, result: Any, now: int
+    ) -> tuple[CommandRecord | None, bool]:
+        record = self._records.get(command_id)
+        if record is None or record.device_id != device_id:
+            return None, False
+        if record.finished or self.unavailable:
+            return record, False
+        record = self._set(attrs.evolve(record, state=state, result=result, updated=now))
+        return record, True
+
     def finish(
         self, device_id: str, command_id: str, state: str, result: Any, now: int
     ) -> Deferred:
-        record = self._records.get(command_id)
-        if record is None or record.device_id != device_id:
-            return self._call("finish", (None, False))
-        if record.finished or self.unavailable:
-            return self._call("finish", (record, False))
-        record = self._set(attrs.evolve(record, state=state, result=result, updated=now))
-        return self._call("finish", (record, True))
+        return self._call("finish", self._finish_now(device_id, command_id, state, result, now))
+
+    def finish_many(self, steps: list[tuple[str, str, str, Any]], now: int) -> Deferred:
+        return self._call("finish_many", [self._finish_now(*step, now) for step in steps])
 
     def expire_due(self, now: int, limit: int) -> Deferred:
         expired: list[CommandRecord] = []

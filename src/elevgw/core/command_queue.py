@@ -141,6 +141,8 @@ class CommandDispatcher:
         self._recording: Deferred | None = None
         self._record_call: Any = None
         self._connected: dict[str, DeviceSession] = {}
+        self._finishing: list[tuple[tuple[str, str, str, Any], Deferred]] = []
+        self._finish_call: Any = None
         self._take_call: Any = None
         self.queue_depth = 0
         #: The store's last count found no pending command, and none was queued here since
@@ -445,7 +447,7 @@ class CommandDispatcher:
             state, result = ACKED, frame.payload
         else:
             state, result = FAILED, {"error": frame.error, "payload": frame.payload}
-        d = self._finish(device_id, frame.id, state, result)
+        d = self._finish(device_id, frame.id, state, result, batched=True)
 
         def done(outcome: tuple[CommandRecord | None, bool]) -> None:
             record, changed = outcome
@@ -472,8 +474,14 @@ class CommandDispatcher:
 
         d.addCallbacks(done, failed)
 
-    def _finish(self, device_id: str, command_id: str, state: str, result: Any) -> Deferred:
-        """``ICommandQueue.finish``, also for a command written at once and not yet stored."""
+    def _finish(
+        self, device_id: str, command_id: str, state: str, result: Any, batched: bool = False
+    ) -> Deferred:
+        """``ICommandQueue.finish``, also for a command written at once and not yet stored.
+
+        ``batched``: join the other steps asked for in this reactor turn in one store call
+        (``finish_many``); acks come by the thousand when a fleet drains its queues.
+        """
         now = clock_ms(self._clock)
         record = self._unrecorded.get(command_id)
         if record is not None and record.device_id == device_id:
@@ -482,7 +490,28 @@ class CommandDispatcher:
             record = attrs.evolve(record, state=state, result=result, updated=now)
             self._unrecorded[command_id] = record
             return succeed((record, True))
-        return self.queue.finish(device_id, command_id, state, result, now)
+        if not batched:
+            return self.queue.finish(device_id, command_id, state, result, now)
+        outcome: Deferred = Deferred()
+        self._finishing.append(((device_id, command_id, state, result), outcome))
+        if self._finish_call is None:
+            self._finish_call = self._clock.callLater(0, self._finish_batch)
+        return outcome
+
+    def _finish_batch(self) -> None:
+        self._finish_call = None
+        batch, self._finishing = self._finishing, []
+        d = self.queue.finish_many([step for step, _ in batch], clock_ms(self._clock))
+
+        def answered(outcomes: list) -> None:
+            for (_, outcome), result in zip(batch, outcomes, strict=True):
+                outcome.callback(result)
+
+        def failed(failure: Failure) -> None:
+            for _, outcome in batch:
+                outcome.errback(failure)
+
+        d.addCallbacks(answered, failed)
 
     def _finished(self, record: CommandRecord) -> None:
         """``record`` just reached a terminal state, once in the whole cluster: count it,

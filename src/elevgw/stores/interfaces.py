@@ -306,6 +306,10 @@ class ICommandQueue(Interface):
         whether this call finished it (``False``: it was terminal already).
         """
 
+    def finish_many(steps, now):
+        """``finish`` for each ``(device_id, command_id, state, result)`` of ``steps``, in one
+        transaction or script; fire with their ``(record, changed)`` in the same order."""
+
     def expire_due(now, limit):
         """Expire up to ``limit`` pending commands past ``expires``; fire with them."""
 

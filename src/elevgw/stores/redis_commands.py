@@ -169,6 +169,26 @@ _FINISH = _script(
     """
 )
 
+_FINISH_MANY = _script(
+    """
+    local p, now = ARGV[1], ARGV[2]
+    local out = {}
+    for i = 3, #ARGV, 4 do
+        local device, id, state, result = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+        local key = p .. 'cmd:' .. id
+        local f = redis.call('HMGET', key, 'device_id', 'state')
+        if f[1] ~= device then
+            out[#out + 1] = {}
+        elseif f[2] ~= 'queued' and f[2] ~= 'sent' then
+            out[#out + 1] = {0, rec(key)}
+        else
+            out[#out + 1] = {1, finish(p, id, device, state, now, result)}
+        end
+    end
+    return out
+    """
+)
+
 _EXPIRE_DUE = _script(
     """
     local p, now, limit, history = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -282,6 +302,21 @@ class RedisCommandQueue:
 
         args = [device_id, command_id, state, json_text(result), now]
         return self._run(_FINISH, args).addCallback(finished)
+
+    def finish_many(self, steps: list[tuple[str, str, str, Any]], now: int) -> Deferred:
+        if not steps:
+            return succeed([])
+        args: list[Any] = [now]
+        for device_id, command_id, state, result in steps:
+            args.extend((device_id, command_id, state, json_text(result)))
+
+        def finished(reply) -> list[tuple[CommandRecord | None, bool]]:
+            return [
+                (from_row(item[1]), bool(int(item[0]))) if item else (None, False)
+                for item in reply
+            ]
+
+        return self._run(_FINISH_MANY, args).addCallback(finished)
 
     def expire_due(self, now: int, limit: int) -> Deferred:
         d = self._run(_EXPIRE_DUE, [now, limit, self.history])

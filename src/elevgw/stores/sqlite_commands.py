@@ -182,25 +182,16 @@ class SQLiteCommandQueue:
     def finish(
         self, device_id: str, command_id: str, state: str, result: Any, now: int
     ) -> Deferred:
-        def finish(txn) -> tuple[CommandRecord | None, bool]:
-            txn.execute(
-                f"SELECT {_COLUMNS} FROM commands WHERE id = ? AND device_id = ?",
-                (command_id, device_id),
-            )
-            row = txn.fetchone()
-            if row is None:
-                return None, False
-            record = from_row(row)
-            if record.finished:
-                return record, False
-            record = _changed(record, state, now, result)
-            txn.execute(
-                "UPDATE commands SET state = ?, result = ?, updated = ? WHERE id = ?",
-                (state, json_text(result), now, command_id),
-            )
-            return record, True
+        return self._store._interaction(_finish, device_id, command_id, state, result, now)
 
-        return self._store._interaction(finish)
+    def finish_many(self, steps: list[tuple[str, str, str, Any]], now: int) -> Deferred:
+        if not steps:
+            return succeed([])
+
+        def finish_all(txn) -> list[tuple[CommandRecord | None, bool]]:
+            return [_finish(txn, *step, now) for step in steps]
+
+        return self._store._interaction(finish_all)
 
     def expire_due(self, now: int, limit: int) -> Deferred:
         def expire(txn) -> list[CommandRecord]:
@@ -243,3 +234,24 @@ class SQLiteCommandQueue:
 
 def _changed(record: CommandRecord, state: str, now: int, result: Any = None) -> CommandRecord:
     return attrs.evolve(record, state=state, updated=now, result=result)
+
+
+def _finish(
+    txn, device_id: str, command_id: str, state: str, result: Any, now: int
+) -> tuple[CommandRecord | None, bool]:
+    txn.execute(
+        f"SELECT {_COLUMNS} FROM commands WHERE id = ? AND device_id = ?",
+        (command_id, device_id),
+    )
+    row = txn.fetchone()
+    if row is None:
+        return None, False
+    record = from_row(row)
+    if record.finished:
+        return record, False
+    record = _changed(record, state, now, result)
+    txn.execute(
+        "UPDATE commands SET state = ?, result = ?, updated = ? WHERE id = ?",
+        (state, json_text(result), now, command_id),
+    )
+    return record, True
