@@ -117,7 +117,8 @@ class ClusterAnnouncer:
 
         def not_kicked(failure: Failure) -> None:
             # The old node is going away (not listening) or slow: its socket closes with it,
-            # or at its next takeover check; the device is here now either way.
+            # or once it hears its inbox again (it then checks its sessions against
+            # presence); the device is here now either way.
             self.log.info(
                 "cluster: {node} did not confirm closing {device_id}: {error}",
                 node=claimed.previous_node,
@@ -238,10 +239,12 @@ class ClusterAnnouncer:
         return d
 
     def settled(self) -> Deferred:
-        """Fires once queued releases have been tried once (the drain waits for this)."""
+        """Fires once the releases queued or under way have been tried (the drain waits for
+        this before the lease goes back)."""
         if self._flush_timer is not None and self._flush_timer.active():
             self._flush_timer.cancel()
-        return self.flush()
+        under_way = list(self._in_flight)
+        return DeferredList([self.flush(), *under_way]).addCallback(lambda _: None)
 
     async def reconcile(self) -> int:
         """Close (4001, silently) the sessions presence says have moved to another node.
