@@ -156,6 +156,25 @@ async def test_an_expired_lease_fences_and_a_forgotten_one_is_registered_again(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_retired_lease_stays_given_back(redis_calls, redis_server):
+    """A drained node gives its lease back; a renewal already on its way or a later tick
+    must not take it again (it would read as Redis having lost it, and register anew)."""
+    clock = Clock()
+    lease = keeper(redis_calls, clock)
+    lease.startService()
+    await lease._in_flight
+    lease.tick()
+    renewing = lease._in_flight
+    await lease.retire()
+    await renewing
+    clock.advance(5)
+    if lease._in_flight is not None:
+        await lease._in_flight
+    assert redis_server.command("ZSCORE", KEYS.leases, lease.instance) is None
+    assert lease.calls["reassert"] == [] and not lease.holding
+
+
+@pytest_twisted.ensureDeferred
 async def test_claims_need_a_live_lease_and_releases_compare_the_session(
     redis_calls, redis_server
 ):

@@ -163,6 +163,8 @@ class LeaseKeeper(Service):
         #: Whether the node may hold devices: it has a lease it renewed in time.
         self.holding = False
         self.fences = 0
+        #: Set by ``retire``: the node is leaving, its lease is given back for good.
+        self.retired = False
         self._registered = False
         self._in_flight: Deferred | None = None
         self._loop = task.LoopingCall(self.tick)
@@ -184,8 +186,12 @@ class LeaseKeeper(Service):
         return None
 
     def retire(self) -> Deferred:
-        """Give the lease back (after the drain released the sessions). Never fails."""
+        """Give the lease back (after the drain released the sessions) and renew it no more.
+        Never fails."""
         self.holding = False
+        self.retired = True
+        if self._loop.running:
+            self._loop.stop()
         d = self.redis.script(
             _RETIRE,
             [self.keys.leases, self.keys.node(self.instance), self.keys.held(self.instance)],
@@ -259,7 +265,7 @@ class LeaseKeeper(Service):
         )
 
     def _retry_register(self) -> None:
-        if not self._registered and self._loop.running:
+        if not self._registered and self._loop.running and not self.retired:
             self.tick()
 
     def _check_fence(self) -> None:
@@ -320,8 +326,8 @@ class LeaseKeeper(Service):
 
         def renewed(reply: list) -> Any:
             outcome = reply[0]
-            if instance != self.instance:
-                return None  # fenced while the call was out
+            if instance != self.instance or self.retired:
+                return None  # fenced or retired while the call was out
             if outcome == OK:
                 self._renewed(sent_at)
                 return None
