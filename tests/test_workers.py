@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -114,12 +115,14 @@ async def until(check, timeout=30.0):
 
 
 def free_port_pair() -> list[int]:
-    """Two consecutive free ports (worker I serves on the base + I)."""
-    for _ in range(100):
-        base = free_port()
+    """Two consecutive free ports (worker I serves on the base + I), below the kernel's
+    ephemeral range so that no outgoing connection takes one while a worker restarts."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000)
         try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", base + 1))
+            for port in (base, base + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
         except OSError:
             continue
         return [base, base + 1]
